@@ -1,0 +1,41 @@
+"""Where built artefacts (tokenizer, tiny model, built-in data) are cached between runs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+def cache_root() -> Path:
+    """$VLGRPO_CACHE, else $XDG_CACHE_HOME/vl-grpo, else ~/.cache/vl-grpo."""
+    if env := os.environ.get("VLGRPO_CACHE"):
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "vl-grpo"
+
+
+def build_once(target: Path, build: Callable[[Path], object]) -> Path:
+    """Return `target`, building it first with `build(tmp_dir)` if it does not exist.
+
+    The build writes into a temporary sibling directory that is renamed into place, so a
+    killed build never leaves a directory that looks complete, and two processes racing
+    (torchrun ranks) both end up with one complete copy.
+    """
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        build(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first: keep theirs
+            if not target.is_dir():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -1,0 +1,122 @@
+"""A tiny, randomly initialised Qwen2.5-VL that runs on a CPU and loads like the real one.
+
+`--model tiny` everywhere a model is accepted resolves to `tiny_model_path()`: a normal
+checkpoint directory (config.json, model.safetensors, tokenizer, processor, chat template)
+that transformers and vLLM load with from_pretrained. It has the real Qwen2.5 tokenizer and
+vocabulary size, and the real architecture at toy width, so every code path (3-D rotary
+positions, windowed vision attention, patch merging, LoRA targets, weight names) is the one a
+7B model takes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from models.cache import build_once, cache_root
+from models.tokenizer import SPECIAL_TOKENS, VOCAB_SIZE, build_qwen25_tokenizer
+
+TINY_VERSION = 1  # bump when the build changes, so stale caches are not reused
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Sizes of the tiny model. head_dim = hidden / heads; mrope_section sums to head_dim / 2."""
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 128
+    mrope_section: tuple[int, int, int] = (2, 3, 3)
+    vision_hidden_size: int = 32
+    vision_depth: int = 2
+    vision_heads: int = 2
+    vision_intermediate_size: int = 64
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = True
+
+
+def tiny_config(spec: TinySpec):  # -> Qwen2_5_VLConfig
+    from transformers import Qwen2_5_VLConfig
+
+    text = {
+        "vocab_size": VOCAB_SIZE,
+        "hidden_size": spec.hidden_size,
+        "intermediate_size": spec.intermediate_size,
+        "num_hidden_layers": spec.num_layers,
+        "num_attention_heads": spec.num_heads,
+        "num_key_value_heads": spec.num_kv_heads,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-6,
+        "initializer_range": spec.initializer_range,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 1e6,
+            "mrope_section": list(spec.mrope_section),
+        },
+        "tie_word_embeddings": spec.tie_word_embeddings,
+        "bos_token_id": SPECIAL_TOKENS["<|endoftext|>"],
+        "eos_token_id": SPECIAL_TOKENS["<|im_end|>"],
+        "pad_token_id": SPECIAL_TOKENS["<|endoftext|>"],
+    }
+    vision = {
+        "depth": spec.vision_depth,
+        "hidden_size": spec.vision_hidden_size,
+        "num_heads": spec.vision_heads,
+        "intermediate_size": spec.vision_intermediate_size,
+        "out_hidden_size": spec.hidden_size,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "window_size": 112,
+        "fullatt_block_indexes": [spec.vision_depth - 1],
+        "tokens_per_second": 2,
+        "initializer_range": spec.initializer_range,
+    }
+    return Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=SPECIAL_TOKENS["<|image_pad|>"],
+        video_token_id=SPECIAL_TOKENS["<|video_pad|>"],
+        vision_start_token_id=SPECIAL_TOKENS["<|vision_start|>"],
+        vision_end_token_id=SPECIAL_TOKENS["<|vision_end|>"],
+        tie_word_embeddings=spec.tie_word_embeddings,
+    )
+
+
+def tokenizer_path() -> Path:
+    """The offline-built Qwen2.5 tokenizer directory (built once, ~10 s)."""
+    return build_once(cache_root() / f"qwen2.5-tokenizer-v{TINY_VERSION}", build_qwen25_tokenizer)
+
+
+def _write_tiny_checkpoint(out_dir: Path, spec: TinySpec, seed: int) -> None:
+    from transformers import AutoTokenizer, GenerationConfig, Qwen2_5_VLForConditionalGeneration
+
+    from models.processor import build_processor
+
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(tiny_config(spec)).to(torch.float32)
+    model.generation_config = GenerationConfig(
+        eos_token_id=[SPECIAL_TOKENS["<|im_end|>"], SPECIAL_TOKENS["<|endoftext|>"]],
+        pad_token_id=SPECIAL_TOKENS["<|endoftext|>"],
+    )
+    model.save_pretrained(out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path())
+    build_processor(tokenizer).save_pretrained(out_dir)
+    (out_dir / "tiny_spec.json").write_text(json.dumps({**asdict(spec), "seed": seed}, indent=1))
+
+
+def tiny_model_path(seed: int = 0, spec: TinySpec | None = None) -> Path:
+    """Path of the tiny checkpoint for `seed` and `spec`, built and cached on first use.
+
+    Deterministic: the same seed and spec give the same weights on every machine.
+    """
+    spec = spec or TinySpec()
+    key = hashlib.sha1(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:8]
+    target = cache_root() / f"tiny-qwen2.5-vl-v{TINY_VERSION}-{key}-seed{seed}"
+    return build_once(target, lambda out: _write_tiny_checkpoint(out, spec, seed))
