@@ -54,8 +54,9 @@ def fit_image(image: Image.Image, min_pixels: int, max_pixels: int) -> Image.Ima
     return image if (image.height, image.width) == (h, w) else image.resize((w, h), Image.BICUBIC)
 
 
-def build_processor(tokenizer: Any, min_pixels: int = DEFAULT_MIN_PIXELS,
-                    max_pixels: int = DEFAULT_MAX_PIXELS):  # -> Qwen2_5_VLProcessor
+def build_processor(
+    tokenizer: Any, min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS
+):  # -> Qwen2_5_VLProcessor
     """A Qwen2.5-VL processor around `tokenizer`, with the given pixel bounds."""
     from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 

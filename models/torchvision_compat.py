@@ -45,7 +45,7 @@ def ensure_torchvision_importable() -> None:
     global _library
     if _library is not None or _extension_loads():
         return
-    _library = torch.library.Library("torchvision", "DEF")  # noqa: TID251 - schema only
+    _library = torch.library.Library("torchvision", "DEF")
     for schema in _SCHEMAS.values():
         _library.define(schema)
 

@@ -1,0 +1,100 @@
+"""Load a Qwen2.5-VL policy: dtype policy, attention kernel choice, LoRA, checkpointing."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import models.torchvision_compat  # noqa: F401  (must precede transformers' image code)
+from models.tiny import tiny_model_path
+
+# LoRA on the language model only: the projection names below also exist in the vision
+# tower's blocks, so the match is anchored on `language_model`.
+LM_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+VISION_LORA_TARGETS = r".*visual\.blocks.*\.(qkv|proj|gate_proj|up_proj|down_proj)"
+
+
+class ModelLoadError(RuntimeError):
+    """A model cannot be loaded as asked (missing path, unmet attention request, ...)."""
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int = 8
+    alpha: int = 32
+    dropout: float = 0.05
+    train_vision: bool = False  # also adapt the vision tower (then its features are not cached)
+
+
+def resolve_model_path(name: str) -> str:
+    """'tiny' -> the cached tiny checkpoint; an existing directory or a hub id as given."""
+    if name == "tiny":
+        return str(tiny_model_path())
+    if name.startswith(("/", ".", "~")) and not Path(name).expanduser().is_dir():
+        raise ModelLoadError(f"model directory not found: {name}")
+    return str(Path(name).expanduser()) if Path(name).expanduser().is_dir() else name
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA (what Qwen2.5-VL is trained in); float32 on CPU, where bf16 is slow."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def choose_attention(device: torch.device, requested: str | None) -> str:
+    """flash_attention_2 when CUDA and flash_attn are present, sdpa otherwise.
+
+    An explicit request that cannot be met is an error rather than a silent fallback: the
+    user asked for a kernel and would otherwise benchmark or train with another one.
+    """
+    has_flash = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+    if requested in (None, "auto"):
+        return "flash_attention_2" if has_flash else "sdpa"
+    if requested == "flash_attention_2" and not has_flash:
+        why = "CUDA is not available" if device.type != "cuda" else "flash_attn is not installed"
+        raise ModelLoadError(
+            f"attn_implementation='flash_attention_2' was requested but {why}; "
+            "install flash-attn on a CUDA machine (pip install '.[gpu]') or use 'sdpa'"
+        )
+    return requested
+
+
+def load_base_model(
+    name: str,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    attn_implementation: str | None = None,
+) -> Any:
+    """Qwen2_5_VLForConditionalGeneration from a local path or hub id, on `device`."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    path = resolve_model_path(name)
+    attention = choose_attention(device, attn_implementation)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        path, dtype=dtype or default_dtype(device), attn_implementation=attention
+    )
+    return model.to(device)
+
+
+def add_lora(model: Any, lora: LoraSettings, gradient_checkpointing: bool = False) -> Any:
+    """Wrap `model` with a peft LoRA adapter; only adapter weights stay trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = LM_LORA_TARGETS
+    if lora.train_vision:
+        targets = f"({LM_LORA_TARGETS})|({VISION_LORA_TARGETS})"
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        bias="none",
+    )
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # frozen embeddings: checkpointed blocks need an input that requires grad
+        model.enable_input_require_grads()
+    return get_peft_model(model, config)
