@@ -1,0 +1,487 @@
+"""Reading training/evaluation data in five formats into `Sample`s, validated up front.
+
+Formats (docs/data_formats.md has one example of each):
+
+(a) JSONL  {"query", "response", "image_path"}                       ms-swift OCR recipe
+(b) folder with an index file of `image_name<TAB>text` lines      Chinese text-line OCR sets
+(c) JSONL  {"messages" | "query", "images": [paths], "solution"}     ms-swift
+(d) JSON/JSONL {"image", "conversations": [{"from": "human"}, {"from": "gpt"}]}  LLaVA/VLM-R1
+(e) Parquet with an image column of encoded bytes + problem/solution  Hugging Face datasets
+
+How a path is read: a directory -> (b) (see `find_index_file`); `.txt`/`.tsv` -> (b) with that
+file as the index; `.jsonl` -> one JSON object per line, (a)/(c)/(d) told apart per record by
+its keys; `.json` -> a JSON array of such objects (or JSONL); `.parquet` -> (e).
+
+Every sample is checked before training starts, images included (decoded fully, once). A bad
+record raises `DataError("file:line: what is wrong")` and stops the run; with `skip_bad=True`
+bad records are dropped and one warning gives their count and the first few reasons.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from data.sample import DataError, ImageRef, Sample
+
+logger = logging.getLogger(__name__)
+
+IMAGE_TAG = "<image>"
+QUERY_KEYS = ("query", "problem", "question")  # first present wins
+SOLUTION_KEYS = ("solution", "response", "answer")
+IMAGE_KEYS = ("image_path", "images", "image")  # JSON records: at most one of these
+PARQUET_IMAGE_COLUMNS = ("image", "images")
+PARQUET_QUERY_COLUMNS = ("problem", "question", "query")
+PARQUET_SOLUTION_COLUMNS = ("solution", "answer")
+INDEX_FILE_NAMES = ("labels.txt", "label.txt", "gt.txt")
+MAX_REPORTED = 5  # bad samples quoted in the skip warning / the "nothing valid" error
+
+Parsed = Sample | DataError  # what a reader yields per record; the caller decides what to do
+
+
+def load_samples(
+    path: str | Path, *, skip_bad: bool = False, limit: int | None = None
+) -> list[Sample]:
+    """Read and validate every sample of `path` (a data file or an OCR folder).
+
+    limit:    stop after this many valid samples (records after them are not read or checked).
+    skip_bad: drop bad records with one logged warning instead of raising on the first.
+    Raises DataError for a missing/empty/unreadable file, a bad record (unless skip_bad), or
+    when no valid sample remains.
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 or None, got {limit}")
+    path = Path(path)
+    samples: list[Sample] = []
+    bad: list[DataError] = []
+    seen = 0
+    for parsed in _read_records(path):
+        seen += 1
+        checked = _check_images(parsed) if isinstance(parsed, Sample) else parsed
+        if isinstance(checked, DataError):
+            if not skip_bad:
+                raise checked
+            bad.append(checked)
+            continue
+        samples.append(checked)
+        if limit is not None and len(samples) >= limit:
+            break
+    if seen == 0:
+        raise DataError(f"{path}: no samples: the file is empty")
+    if not samples:
+        raise DataError(f"{path}: no valid samples, all {seen} are bad; first:\n{_quote(bad)}")
+    if bad:
+        logger.warning(
+            "%s: skipped %d bad sample(s) of %d read; first %d:\n%s",
+            path,
+            len(bad),
+            seen,
+            min(len(bad), MAX_REPORTED),
+            _quote(bad),
+        )
+    return samples
+
+
+def _quote(errors: list[DataError]) -> str:
+    return "\n".join(f"  {e}" for e in errors[:MAX_REPORTED])
+
+
+def _check_images(sample: Sample) -> Parsed:
+    """The sample itself if every image decodes, else the DataError of the first that fails."""
+    try:
+        for ref in sample.images:
+            ref.open()
+    except DataError as e:
+        return e
+    return sample
+
+
+def _read_records(path: Path) -> Iterator[Parsed]:
+    """Dispatch on what `path` is; file-level problems raise, record-level ones are yielded."""
+    if path.is_dir():
+        return _read_index(find_index_file(path))
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found")
+    suffix = path.suffix.lower()
+    if suffix in (".txt", ".tsv"):
+        return _read_index(path)
+    if suffix == ".jsonl":
+        return _read_jsonl(path)
+    if suffix == ".json":
+        return _read_json(path)
+    if suffix == ".parquet":
+        return _read_parquet(path)
+    raise DataError(
+        f"{path}: unknown data format {suffix!r}; expected a folder with an index file, "
+        ".txt/.tsv (index), .jsonl, .json or .parquet"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON records: formats (a), (c), (d)
+
+
+def _read_jsonl(path: Path) -> Iterator[Parsed]:
+    """One JSON object per line; blank lines are ignored. Lines split on b"\\n" only, since
+    json.dumps(ensure_ascii=False) may leave U+2028 inside a string."""
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                yield DataError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})")
+                continue
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield DataError(f"{where}: malformed JSON: {e.msg} (column {e.colno})")
+                continue
+            yield _parse_record(record, where, path.parent)
+
+
+def _read_json(path: Path) -> Iterator[Parsed]:
+    """A JSON array of records (LLaVA style), each reported at the line where it starts;
+    a .json file that does not start with '[' is read as JSONL."""
+    text = _read_text(path)
+    if not text.lstrip().startswith("["):
+        yield from _read_jsonl(path)
+        return
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+    while True:
+        pos = _skip_separators(text, pos)
+        if pos >= len(text):
+            raise DataError(f"{path}:{_line_of(text, pos)}: malformed JSON: unterminated array")
+        if text[pos] == "]":
+            return
+        try:
+            record, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:  # cannot resynchronise inside an array: stop here
+            raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from e
+        yield _parse_record(record, f"{path}:{_line_of(text, pos)}", path.parent)
+        pos = end
+
+
+def _skip_separators(text: str, pos: int) -> int:
+    while pos < len(text) and (text[pos].isspace() or text[pos] == ","):
+        pos += 1
+    return pos
+
+
+def _line_of(text: str, pos: int) -> int:
+    return text.count("\n", 0, pos) + 1
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from e
+
+
+def _parse_record(record: Any, where: str, base: Path) -> Parsed:
+    """One JSON value -> Sample, or the DataError saying what is wrong with it."""
+    if not isinstance(record, dict):
+        return DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    try:
+        if "conversations" in record:
+            return _from_conversations(record, where, base)
+        if "messages" in record:
+            return _from_messages(record, where, base)
+        return _from_flat(record, where, base)
+    except DataError as e:
+        return e
+
+
+def _from_flat(record: dict[str, Any], where: str, base: Path) -> Sample:
+    """(a) {"query", "response", "image_path"} and (c) {"query", "images", "solution"}."""
+    query_key = _required_key(record, QUERY_KEYS, where)
+    solution_key = _required_key(record, SOLUTION_KEYS, where)
+    image_key = _image_key(record, where)
+    images = _image_refs(record[image_key] if image_key else None, where, base)
+    query = _query_text(record[query_key], len(images), where, query_key)
+    used = {query_key, solution_key, image_key}
+    return _sample(
+        query,
+        _solution_text(record[solution_key], where, solution_key),
+        images,
+        record,
+        used,
+        where,
+    )
+
+
+def _from_messages(record: dict[str, Any], where: str, base: Path) -> Sample:
+    """(c) {"messages": [{"role", "content"}...], "images", "solution"}: the last user
+    message is the query; "solution", else the last assistant message, is the answer."""
+    messages = record["messages"]
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise DataError(f"{where}: field 'messages' must be a list of {{role, content}} objects")
+    users = [m for m in messages if m.get("role") == "user"]
+    if not users:
+        raise DataError(f"{where}: field 'messages' has no message with role 'user'")
+    assistants = [m for m in messages if m.get("role") == "assistant"]
+    if record.get("solution") is not None:
+        solution = _solution_text(record["solution"], where, "solution")
+    elif assistants:
+        solution = _content_text(assistants[-1].get("content"), where, "assistant content")
+    else:
+        raise DataError(f"{where}: missing field 'solution' (and no assistant message)")
+    images = _image_refs(record.get("images"), where, base)
+    query = _content_text(users[-1].get("content"), where, "user content")
+    query = _query_text(query, len(images), where, "messages")
+    return _sample(query, solution, images, record, {"messages", "solution", "images"}, where)
+
+
+def _from_conversations(record: dict[str, Any], where: str, base: Path) -> Sample:
+    """(d) {"image": str | [str], "conversations": [{"from": "human"|"gpt", "value"}...]}:
+    the first human turn is the query, the first gpt turn after it the answer."""
+    turns = record["conversations"]
+    if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+        raise DataError(f"{where}: field 'conversations' must be a list of {{from, value}} objects")
+    speakers = [t.get("from") for t in turns]
+    human = next((i for i, s in enumerate(speakers) if s in ("human", "user")), None)
+    if human is None:
+        raise DataError(f"{where}: field 'conversations' has no turn from 'human'")
+    gpt = next((i for i, s in enumerate(speakers) if i > human and s in ("gpt", "assistant")), None)
+    if record.get("solution") is not None:
+        solution = _solution_text(record["solution"], where, "solution")
+    elif gpt is not None:
+        solution = _solution_text(turns[gpt].get("value"), where, "gpt value")
+    else:
+        raise DataError(f"{where}: field 'conversations' has no 'gpt' turn after the human turn")
+    image_key = _image_key(record, where)
+    images = _image_refs(record[image_key] if image_key else None, where, base)
+    query = _query_text(turns[human].get("value"), len(images), where, "human value")
+    used = {"conversations", "solution", image_key}
+    return _sample(query, solution, images, record, used, where)
+
+
+def _sample(
+    query: str,
+    solution: str,
+    images: list[ImageRef],
+    record: dict[str, Any],
+    used: set[str | None],
+    where: str,
+) -> Sample:
+    """Build the Sample; every field of `record` not consumed goes to `columns`."""
+    if not query and not images:
+        raise DataError(f"{where}: empty query and no image: nothing to ask")
+    columns = {k: v for k, v in record.items() if k not in used}
+    return Sample(query=query, solution=solution, images=images, columns=columns, where=where)
+
+
+def _required_key(record: dict[str, Any], keys: tuple[str, ...], where: str) -> str:
+    for key in keys:
+        if key in record and record[key] is not None:
+            return key
+    also = ", ".join(repr(k) for k in keys[1:])
+    raise DataError(
+        f"{where}: missing field {keys[0]!r} (also accepted: {also}); "
+        f"the record has {sorted(record)}"
+    )
+
+
+def _image_key(record: dict[str, Any], where: str) -> str | None:
+    present = [k for k in IMAGE_KEYS if record.get(k) is not None]
+    if len(present) > 1:
+        raise DataError(f"{where}: both {present[0]!r} and {present[1]!r} given; use one")
+    return present[0] if present else None
+
+
+def _query_text(value: Any, n_images: int, where: str, field: str) -> str:
+    """The query with its <image> placeholders removed (the task template places images).
+    When the query has placeholders, their number must match the number of images."""
+    if value is None:
+        value = ""
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {field!r} must be a string, got {type(value).__name__}")
+    tags = value.count(IMAGE_TAG)
+    if tags and tags != n_images:
+        raise DataError(f"{where}: the query has {tags} {IMAGE_TAG} tag(s) but {n_images} image(s)")
+    return value.replace(IMAGE_TAG, "").strip()
+
+
+def _solution_text(value: Any, where: str, field: str) -> str:
+    """Solutions are compared as text; numbers (e.g. counts) are accepted and stringified."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    if value is None:
+        raise DataError(f"{where}: missing field {field!r}")
+    raise DataError(
+        f"{where}: field {field!r} must be a string or a number, got {type(value).__name__}"
+    )
+
+
+def _content_text(content: Any, where: str, field: str) -> str:
+    """A chat message's content: a string, or a list of parts whose text parts are joined."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+        if all(isinstance(t, str) for t in texts):
+            return "".join(texts)
+    raise DataError(f"{where}: {field} must be a string or a list of text parts")
+
+
+def _image_refs(value: Any, where: str, base: Path) -> list[ImageRef]:
+    """None, one image or a list of images -> ImageRefs (opened later, during validation)."""
+    if value is None:
+        return []
+    items = value if isinstance(value, list) else [value]
+    return [_image_ref(item, where, base) for item in items]
+
+
+def _image_ref(item: Any, where: str, base: Path) -> ImageRef:
+    """A path string, raw bytes, or an HF Image-feature dict {"bytes", "path"}."""
+    if isinstance(item, dict):
+        if item.get("bytes") is not None:
+            return _image_ref(item["bytes"], where, base)
+        if item.get("path") is not None:
+            return _image_ref(item["path"], where, base)
+        raise DataError(f"{where}: image entry {item!r} has neither 'bytes' nor 'path'")
+    if isinstance(item, bytes | bytearray):
+        return ImageRef(where=where, data=bytes(item))
+    if isinstance(item, str):
+        return ImageRef(where=where, path=_resolve(item, where, base))
+    raise DataError(
+        f"{where}: an image must be a path, bytes or a {{'bytes','path'}} object, "
+        f"got {type(item).__name__}"
+    )
+
+
+def _resolve(name: str, where: str, base: Path) -> Path:
+    """Relative image paths are relative to the folder of the data file that names them."""
+    if not name.strip():
+        raise DataError(f"{where}: empty image path")
+    if name.startswith(("http://", "https://", "data:")):
+        raise DataError(
+            f"{where}: remote/inline image {name[:60]!r} is not supported offline; "
+            "download it and give a file path"
+        )
+    path = Path(name).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+# ---------------------------------------------------------------------------------------------
+# (b) folder + index file
+
+
+def find_index_file(folder: Path) -> Path:
+    """The index of an OCR folder: labels.txt, label.txt or gt.txt (in this order), else the
+    only *.txt whose first non-blank line holds a TAB. Several such files are ambiguous: pass
+    the index file itself as the data path."""
+    for name in INDEX_FILE_NAMES:
+        if (folder / name).is_file():
+            return folder / name
+    candidates = [p for p in sorted(folder.glob("*.txt")) if _looks_like_index(p)]
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise DataError(
+            f"{folder}: no index file found: expected one of {', '.join(INDEX_FILE_NAMES)} or a "
+            "*.txt file of 'image_name<TAB>text' lines"
+        )
+    names = ", ".join(p.name for p in candidates)
+    raise DataError(f"{folder}: several index files ({names}); pass the one to use as the path")
+
+
+def _looks_like_index(path: Path) -> bool:
+    with path.open("rb") as f:
+        for raw in f:
+            if raw.strip():
+                return b"\t" in raw
+    return False
+
+
+def _read_index(index: Path) -> Iterator[Parsed]:
+    """`image_name<TAB>text` per line; image names are relative to the index file's folder.
+    The query is left empty: the task's default query asks to read the image."""
+    with index.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{index}:{lineno}"
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                yield DataError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})")
+                continue
+            if not line.strip():
+                continue
+            try:
+                yield _index_sample(line, where, index.parent)
+            except DataError as e:
+                yield e
+
+
+def _index_sample(line: str, where: str, base: Path) -> Sample:
+    name, tab, label = line.partition("\t")
+    if not tab:
+        raise DataError(f"{where}: malformed line, expected 'image_name<TAB>text': {line[:60]!r}")
+    if not name.strip():
+        raise DataError(f"{where}: missing image name before the TAB")
+    if not label.strip():
+        raise DataError(f"{where}: missing text label after the TAB")
+    image = ImageRef(where=where, path=_resolve(name.strip(), where, base))
+    return Sample(query="", solution=label.strip(), images=[image], columns={}, where=where)
+
+
+# ---------------------------------------------------------------------------------------------
+# (e) Parquet
+
+
+def _read_parquet(path: Path) -> Iterator[Parsed]:
+    """Rows of an HF-style Parquet file; rows are numbered from 0 like `dataset[i]`."""
+    import pyarrow as pa  # imported here: only Parquet users pay for it
+    import pyarrow.parquet as pq
+
+    try:
+        table_file = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: cannot read Parquet file: {e}") from e
+    columns = table_file.schema_arrow.names
+    query_col = _required_column(columns, PARQUET_QUERY_COLUMNS, path)
+    solution_col = _required_column(columns, PARQUET_SOLUTION_COLUMNS, path)
+    image_col = next((c for c in PARQUET_IMAGE_COLUMNS if c in columns), None)
+    row = 0
+    for batch in table_file.iter_batches(batch_size=256):
+        for record in batch.to_pylist():
+            where = f"{path}:row {row}"
+            row += 1
+            try:
+                yield _parquet_sample(
+                    record, where, path.parent, query_col, solution_col, image_col
+                )
+            except DataError as e:
+                yield e
+
+
+def _parquet_sample(
+    record: dict[str, Any],
+    where: str,
+    base: Path,
+    query_col: str,
+    solution_col: str,
+    image_col: str | None,
+) -> Sample:
+    images = _image_refs(record[image_col] if image_col else None, where, base)
+    query = _query_text(record[query_col], len(images), where, query_col)
+    solution = _solution_text(record[solution_col], where, solution_col)
+    used = {query_col, solution_col, image_col}
+    return _sample(query, solution, images, record, used, where)
+
+
+def _required_column(columns: list[str], names: tuple[str, ...], path: Path) -> str:
+    found = next((c for c in names if c in columns), None)
+    if found is None:
+        wanted = " or ".join(repr(n) for n in names)
+        raise DataError(f"{path}: missing column {wanted}; the file has {columns}")
+    return found
