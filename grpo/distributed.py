@@ -139,3 +139,13 @@ def cleanup() -> None:
     """Destroy the process group if there is one."""
     if is_distributed():
         dist.destroy_process_group()
+
+
+def broadcast_tensor(t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Rank `src`'s value of ``t`` on every rank (a new tensor; ``t`` is returned as is when
+    not distributed)."""
+    if not is_distributed():
+        return t
+    out = t.detach().clone().contiguous()
+    dist.broadcast(out, src=src)
+    return out

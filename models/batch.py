@@ -184,3 +184,21 @@ def build_rollout_batch(
         pixel_values=pixels,
         image_grid_thw=grids,
     )
+
+
+def select_rows(batch: RolloutBatch, rows: list[int]) -> RolloutBatch:
+    """The sub-batch of `rows` (e.g. without the groups that carry no signal)."""
+    index = torch.tensor(rows, dtype=torch.long, device=batch.input_ids.device)  # [n]
+    pixels, grids = repeat_images(batch.prompts, batch.prompt_of_row[index].tolist())
+    return RolloutBatch(
+        input_ids=batch.input_ids[index],
+        attention_mask=batch.attention_mask[index],
+        mm_token_type_ids=batch.mm_token_type_ids[index],
+        completion_ids=batch.completion_ids[index],
+        completion_mask=batch.completion_mask[index],
+        truncated=batch.truncated[index],
+        prompt_of_row=batch.prompt_of_row[index],
+        prompts=batch.prompts,
+        pixel_values=pixels,
+        image_grid_thw=grids,
+    )

@@ -1,0 +1,116 @@
+"""Where the numbers of a run go: JSONL on disk, TensorBoard, a progress bar, a reward plot.
+
+Only rank 0 writes. Per-step metrics are averaged across ranks first (`reduce_metrics`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from grpo import distributed
+
+
+def reduce_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """Average metrics over ranks; keys ending in _max / _min take the max / min instead."""
+    if not distributed.is_distributed() or distributed.get_world_size() == 1:
+        return metrics
+    keys = sorted(metrics)
+    out: dict[str, float] = {}
+    for suffix, op in (
+        ("_max", dist.ReduceOp.MAX),
+        ("_min", dist.ReduceOp.MIN),
+        ("", dist.ReduceOp.SUM),
+    ):
+        chosen = [k for k in keys if k.endswith(suffix) and k not in out]
+        values = torch.tensor([metrics[k] for k in chosen], dtype=torch.float64)  # [K]
+        dist.all_reduce(values, op=op)
+        scale = 1.0 if suffix else 1.0 / distributed.get_world_size()
+        out.update({k: float(v) * scale for k, v in zip(chosen, values.tolist(), strict=True)})
+    return out
+
+
+class MetricsLogger:
+    """metrics.jsonl + completions.jsonl (+ TensorBoard when installed) in the run dir."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool) -> None:
+        self.enabled = enabled
+        self.run_dir = run_dir
+        self.writer = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:  # tensorboard is optional: JSONL always works
+                self.writer = None
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with (self.run_dir / "metrics.jsonl").open("a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.writer is not None:
+            for key, value in metrics.items():
+                if math.isfinite(value):
+                    self.writer.add_scalar(key, value, step)
+
+    def completions(self, step: int, records: list[dict[str, Any]]) -> None:
+        if not self.enabled:
+            return
+        with (self.run_dir / "completions.jsonl").open("a", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps({"step": step, **record}, ensure_ascii=False) + "\n")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, float]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_rewards(run_dir: Path) -> Path | None:
+    """reward_curve.png: mean reward per step (and per reward function), with a moving average."""
+    rows = read_metrics(run_dir)
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    per_function = sorted(k for k in rows[0] if k.startswith("reward/") and k.endswith("_mean"))
+    keys = ["reward_mean", *per_function]
+    for key in keys:
+        values = [r.get(key, float("nan")) for r in rows]
+        ax.plot(steps, values, label=key, linewidth=1.5 if key == "reward_mean" else 0.8)
+    window = max(1, len(rows) // 10)
+    if window > 1:
+        values = [r["reward_mean"] for r in rows]
+        smooth = [
+            sum(values[max(0, i - window + 1) : i + 1])
+            / len(values[max(0, i - window + 1) : i + 1])
+            for i in range(len(values))
+        ]
+        ax.plot(steps, smooth, "k--", label=f"reward_mean (moving avg {window})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    out = run_dir / "reward_curve.png"
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
