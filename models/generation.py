@@ -42,16 +42,18 @@ def cut_at_stop(tokens: list[int], stop_ids: set[int], pad_id: int) -> list[int]
     return tokens
 
 
-@torch.no_grad()
-def hf_generate(
-    model: Any,
+def generate_kwargs(
     processor: Any,
     prompts: list[PromptInput],
     n: int,
     settings: SamplingSettings,
     device: torch.device,
-) -> list[list[int]]:
-    """N = P * n completions (group-major) as token-id lists ending at the first stop token."""
+) -> dict[str, Any]:
+    """Keyword arguments for `model.generate` drawing n completions per prompt (group-major).
+
+    input_ids [N, Lp] is the left-padded prompt batch with each prompt repeated n times; the
+    vision special tokens are suppressed, and sampling is plain sampling at the temperature.
+    """
     tokenizer = processor.tokenizer
     batch = encode_prompts(processor, prompts, device)
     rows = [j for j in range(batch.num_prompts) for _ in range(n)]
@@ -69,18 +71,33 @@ def hf_generate(
             "top_k": settings.top_k,
         }
     )
-    stop = stop_token_ids(tokenizer)
-    out = model.generate(
-        input_ids=batch.input_ids[index],  # [N, Lp]
-        attention_mask=batch.attention_mask[index],
-        mm_token_type_ids=batch.mm_token_type_ids[index],
-        max_new_tokens=settings.max_new_tokens,
-        eos_token_id=sorted(stop),
-        pad_token_id=tokenizer.pad_token_id,
-        suppress_tokens=sorted(vision_token_ids(tokenizer)),
-        use_cache=True,
+    return {
+        "input_ids": batch.input_ids[index],  # [N, Lp]
+        "attention_mask": batch.attention_mask[index],
+        "mm_token_type_ids": batch.mm_token_type_ids[index],
+        "max_new_tokens": settings.max_new_tokens,
+        "eos_token_id": sorted(stop_token_ids(tokenizer)),
+        "pad_token_id": tokenizer.pad_token_id,
+        "suppress_tokens": sorted(vision_token_ids(tokenizer)),
+        "use_cache": True,
         **sampling,
         **extra,
-    )  # [N, Lp + new]
-    new_tokens = out[:, batch.input_ids.shape[1] :].tolist()
+    }
+
+
+@torch.no_grad()
+def hf_generate(
+    model: Any,
+    processor: Any,
+    prompts: list[PromptInput],
+    n: int,
+    settings: SamplingSettings,
+    device: torch.device,
+) -> list[list[int]]:
+    """N = P * n completions (group-major) as token-id lists ending at the first stop token."""
+    tokenizer = processor.tokenizer
+    kwargs = generate_kwargs(processor, prompts, n, settings, device)
+    out = model.generate(**kwargs)  # [N, Lp + new]
+    new_tokens = out[:, kwargs["input_ids"].shape[1] :].tolist()
+    stop = stop_token_ids(tokenizer)
     return [cut_at_stop(tokens, stop, tokenizer.pad_token_id) for tokens in new_tokens]

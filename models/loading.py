@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-import models.torchvision_compat  # noqa: F401  (must precede transformers' image code)
+import models.cpu_compat  # noqa: F401  (must precede transformers' image code)
 from models.tiny import tiny_model_path
 
 # LoRA on the language model only: the projection names below also exist in the vision

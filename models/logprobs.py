@@ -93,6 +93,11 @@ def backbone_hidden(
     return out.last_hidden_state
 
 
+def _logit_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """float32, or float64 when the inputs are float64."""
+    return torch.promote_types(hidden.dtype, torch.float32)
+
+
 def _chunk_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -101,7 +106,8 @@ def _chunk_logprobs(
     with_entropy: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(target) and entropy for one chunk. hidden [C, H], weight [V, H], targets [C]."""
-    logits = (hidden @ weight.T).float() / temperature  # [C, V] float32
+    # float32 at least (bf16 logits are too coarse for ratios); float64 stays float64 (tests)
+    logits = (hidden @ weight.T).to(_logit_dtype(hidden)) / temperature  # [C, V]
     log_z = torch.logsumexp(logits, dim=-1)  # [C]
     logp = logits.gather(-1, targets[:, None]).squeeze(-1) - log_z  # [C]
     entropy = torch.zeros_like(log_z)
@@ -129,8 +135,8 @@ def token_logprobs(
     where = mask.reshape(-1).nonzero().squeeze(-1)  # [M] flat indices of scored tokens
     h = hidden.reshape(n * t, -1)[where]  # [M, H]
     y = targets.reshape(-1)[where]  # [M]
-    logp = hidden.new_zeros(n * t, dtype=torch.float32)  # [N*T]
-    entropy = hidden.new_zeros(n * t, dtype=torch.float32)  # [N*T]
+    logp = hidden.new_zeros(n * t, dtype=_logit_dtype(hidden))  # [N*T]
+    entropy = hidden.new_zeros(n * t, dtype=_logit_dtype(hidden))  # [N*T]
     pieces, entropies = [], []
     for start in range(0, where.numel(), chunk_tokens):
         args = (h[start : start + chunk_tokens], weight, y[start : start + chunk_tokens])

@@ -13,7 +13,7 @@ from typing import Any
 
 from PIL import Image
 
-import models.torchvision_compat  # noqa: F401  (must precede transformers' image code)
+import models.cpu_compat  # noqa: F401  (must precede transformers' image code)
 
 PATCH_FACTOR = 28  # patch_size 14 x spatial_merge_size 2
 DEFAULT_MIN_PIXELS = 4 * 28 * 28
@@ -31,7 +31,19 @@ def fitted_size(height: int, width: int, min_pixels: int, max_pixels: int) -> tu
     except Exception:  # qwen-vl-utils needs torchvision; the rule itself does not
         smart_resize = None
     if smart_resize is not None:
-        return tuple(smart_resize(height, width, PATCH_FACTOR, min_pixels, max_pixels))  # type: ignore[return-value]
+        h, w = smart_resize(height, width, PATCH_FACTOR, min_pixels, max_pixels)
+    else:
+        h, w = _smart_resize(height, width, min_pixels, max_pixels)
+    if min(h, w) < PATCH_FACTOR:
+        # a long thin image under a small max_pixels: flooring the short side gave 0. Keep
+        # one row of patches and as many along the long side as max_pixels allows.
+        long_side = max(PATCH_FACTOR, max_pixels // PATCH_FACTOR // PATCH_FACTOR * PATCH_FACTOR)
+        h, w = (PATCH_FACTOR, long_side) if h < w else (long_side, PATCH_FACTOR)
+    return h, w
+
+
+def _smart_resize(height: int, width: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """qwen-vl-utils' smart_resize rule, for when that package cannot be imported."""
     if max(height, width) / min(height, width) > 200:
         raise ValueError(f"aspect ratio of a {width}x{height} image exceeds 200")
     h = max(PATCH_FACTOR, round(height / PATCH_FACTOR) * PATCH_FACTOR)

@@ -39,6 +39,10 @@ class TinySpec:
     vision_intermediate_size: int = 64
     initializer_range: float = 0.02
     tie_word_embeddings: bool = True
+    # Std of the (tied) token embeddings; None: initializer_range. At 0.02 every logit of a
+    # 64-wide model stays within ~±1, so no token can ever get much probability: a policy
+    # that must learn to prefer some tokens needs larger embeddings (the learning test).
+    embedding_std: float | None = None
 
 
 def tiny_config(spec: TinySpec):  # -> Qwen2_5_VLConfig
@@ -101,6 +105,9 @@ def _write_tiny_checkpoint(out_dir: Path, spec: TinySpec, seed: int) -> None:
 
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(tiny_config(spec)).to(torch.float32)
+    if spec.embedding_std is not None:
+        with torch.no_grad():
+            model.get_input_embeddings().weight.normal_(0.0, spec.embedding_std)
     model.generation_config = GenerationConfig(
         eos_token_id=[SPECIAL_TOKENS["<|im_end|>"], SPECIAL_TOKENS["<|endoftext|>"]],
         pad_token_id=SPECIAL_TOKENS["<|endoftext|>"],
