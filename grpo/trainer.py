@@ -430,7 +430,7 @@ def loss_on(
     mask = generation.loss_mask
     entropy = float((out.entropy * mask).sum() / mask.sum().clamp(min=1))
     return {
-        "loss": float(loss),
+        "loss": float(loss.detach()),
         "entropy": entropy,
         **{k: float(v) for k, v in stats.items()},
         **{f"sampler/{k}": float(v) for k, v in mismatch.items()},

@@ -1,0 +1,168 @@
+"""The training loop end to end on the tiny model: a step, resume, torchrun, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from data.sample import DataError
+from grpo import distributed
+from grpo.config import load_config
+from grpo.trainer import build_trainer, train, train_step
+from rewards.compute import RewardError
+from tests.training_helpers import PLUGIN, small_config, write_ocr_jsonl
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_ocr_jsonl(tmp_path_factory.mktemp("ocr"))
+
+
+def adapter_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(checkpoint / "adapter" / "adapter_model.safetensors"))
+
+
+def test_one_step_updates_lora_and_reports_metrics(data_file: Path, tmp_path: Path) -> None:
+    config = small_config(data_file, tmp_path / "run")
+    trainer = build_trainer(config, distributed.init_distributed())
+    before = [p.detach().clone() for p in trainer.policy.trainable_parameters()]
+    frozen = {n: p.detach().clone() for n, p in trainer.policy.model.named_parameters()
+              if not p.requires_grad and "embed" in n}
+    metrics, records = train_step(trainer)
+    after = trainer.policy.trainable_parameters()
+    assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    for name, p in trainer.policy.model.named_parameters():
+        if name in frozen:
+            assert torch.equal(p, frozen[name]), "a frozen weight moved"
+    for key in ("loss", "kl", "entropy", "grad_norm", "reward_mean", "clip_frac",
+                "completion_length_mean", "truncated_frac", "time/sample", "time/backward",
+                "zero_std_group_frac", "completion_tokens_per_second", "lr"):
+        assert key in metrics and math.isfinite(metrics[key]), key
+    assert metrics["grad_norm"] > 0
+    assert len(records) == config.prompts_per_step * config.num_generations
+    assert {"where", "completion", "reward", "advantage"} <= set(records[0])
+
+
+def test_train_writes_checkpoint_metrics_and_plot(data_file: Path, tmp_path: Path) -> None:
+    config = small_config(data_file, tmp_path / "run", save_steps=1, save_total_limit=1,
+                          log_completions_steps=1)
+    run_dir = train(config)
+    checkpoints = sorted(p.name for p in run_dir.iterdir() if p.name.startswith("checkpoint-"))
+    assert checkpoints == ["checkpoint-2"]  # save_total_limit=1 removed checkpoint-1
+    assert (run_dir / "checkpoint-2" / "adapter" / "adapter_config.json").is_file()
+    info = json.loads((run_dir / "checkpoint-2" / "run.json").read_text())
+    assert info["base_model"] == "tiny" and info["task"] == "ocr" and info["step"] == 2
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2]
+    assert (run_dir / "completions.jsonl").is_file()
+    assert (run_dir / "reward_curve.png").stat().st_size > 1000
+    assert (run_dir / "config.yaml").is_file()
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(config)  # a second run into the same directory must not mix with the first
+
+
+def test_resume_equals_uninterrupted(data_file: Path, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    straight = small_config(data_file, tmp_path / "straight", max_steps=4, save_steps=2,
+                            num_iterations=2, warmup_steps=1)
+    train(straight)
+
+    # the same run killed during step 3, after checkpoint-2 was written, then resumed
+    import grpo.trainer as trainer_module
+
+    real_step, calls = trainer_module.train_step, []
+
+    def killed_at_third_step(trainer):  # noqa: ANN001, ANN202
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(trainer)
+
+    killed = replace(straight, output_dir=str(tmp_path / "killed"))
+    monkeypatch.setattr(trainer_module, "train_step", killed_at_third_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(killed)
+    monkeypatch.setattr(trainer_module, "train_step", real_step)
+    assert not (tmp_path / "killed" / "checkpoint-4").exists()
+    train(replace(killed, resume=True))
+
+    a = adapter_weights(tmp_path / "straight" / "checkpoint-4")
+    b = adapter_weights(tmp_path / "killed" / "checkpoint-4")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "killed" / "metrics.jsonl").open()]
+    assert steps == [1, 2, 3, 4]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_ranks_keep_identical_lora(data_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "dist"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+               str(ROOT / "tests" / "dist_train_worker.py"), str(data_file), str(out)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rank0 = torch.load(out / "lora-rank0.pt")
+    rank1 = torch.load(out / "lora-rank1.pt")
+    initial = torch.load(out / "lora-initial-rank0.pt")
+    assert rank0.keys() == rank1.keys()
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+    assert any(not torch.equal(rank0[k], initial[k]) for k in rank0), "nothing was trained"
+    completions = [json.loads(line) for line in (out / "completions.json").open()]
+    assert completions[0] != completions[1], "both ranks sampled the same prompts"
+
+
+def test_reward_that_raises_names_function_and_sample(data_file: Path, tmp_path: Path) -> None:
+    config = small_config(data_file, tmp_path / "run", rewards="test_raises:1.0")
+    trainer = build_trainer(config, distributed.init_distributed())
+    with pytest.raises(RewardError) as error:
+        train_step(trainer)
+    assert "test_raises" in str(error.value) and "train.jsonl:" in str(error.value)
+
+
+def test_nan_reward_is_an_error_not_a_loss(data_file: Path, tmp_path: Path) -> None:
+    config = small_config(data_file, tmp_path / "run", rewards="test_nan:1.0")
+    trainer = build_trainer(config, distributed.init_distributed())
+    with pytest.raises(RewardError, match="test_nan"):
+        train_step(trainer)
+
+
+def test_prompt_over_max_length_is_an_error(data_file: Path, tmp_path: Path) -> None:
+    config = small_config(data_file, tmp_path / "run", max_prompt_length=10)
+    trainer = build_trainer(config, distributed.init_distributed())
+    with pytest.raises(DataError, match=r"train\.jsonl:\d+: prompt with 1 image"):
+        train_step(trainer)
+
+
+def test_cli_flags_override_preset_and_file(tmp_path: Path) -> None:
+    file = tmp_path / "c.yaml"
+    file.write_text("learning_rate: 0.5\nnum_generations: 3\n")
+    config = load_config(["--config", str(file), "--num-generations", "5", "--beta", "0",
+                          "--reward-plugin", PLUGIN, "--mask-truncated-completions"])
+    assert (config.learning_rate, config.num_generations, config.beta) == (0.5, 5, 0.0)
+    assert config.mask_truncated_completions is True and config.reward_plugin == [PLUGIN]
+    with pytest.raises(ValueError, match="unknown config field"):
+        file.write_text("learning_rat: 1\n")
+        load_config(["--config", str(file)])
+    with pytest.raises(ValueError, match="loss_type"):
+        load_config(["--loss-type", "ppo"])
