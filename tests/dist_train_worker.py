@@ -6,17 +6,18 @@ import json
 import sys
 from pathlib import Path
 
-import models  # noqa: F401
 import torch
 
+import models  # noqa: F401
 from grpo import distributed
 from grpo.trainer import build_trainer, train_step
 from tests.training_helpers import small_config
 
 
 def lora_state(trainer) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in trainer.policy.model.named_parameters()
-            if p.requires_grad}
+    return {
+        n: p.detach().clone() for n, p in trainer.policy.model.named_parameters() if p.requires_grad
+    }
 
 
 def main(data: str, out: str) -> None:

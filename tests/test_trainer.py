@@ -38,17 +38,32 @@ def test_one_step_updates_lora_and_reports_metrics(data_file: Path, tmp_path: Pa
     config = small_config(data_file, tmp_path / "run")
     trainer = build_trainer(config, distributed.init_distributed())
     before = [p.detach().clone() for p in trainer.policy.trainable_parameters()]
-    frozen = {n: p.detach().clone() for n, p in trainer.policy.model.named_parameters()
-              if not p.requires_grad and "embed" in n}
+    frozen = {
+        n: p.detach().clone()
+        for n, p in trainer.policy.model.named_parameters()
+        if not p.requires_grad and "embed" in n
+    }
     metrics, records = train_step(trainer)
     after = trainer.policy.trainable_parameters()
     assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
     for name, p in trainer.policy.model.named_parameters():
         if name in frozen:
             assert torch.equal(p, frozen[name]), "a frozen weight moved"
-    for key in ("loss", "kl", "entropy", "grad_norm", "reward_mean", "clip_frac",
-                "completion_length_mean", "truncated_frac", "time/sample", "time/backward",
-                "zero_std_group_frac", "completion_tokens_per_second", "lr"):
+    for key in (
+        "loss",
+        "kl",
+        "entropy",
+        "grad_norm",
+        "reward_mean",
+        "clip_frac",
+        "completion_length_mean",
+        "truncated_frac",
+        "time/sample",
+        "time/backward",
+        "zero_std_group_frac",
+        "completion_tokens_per_second",
+        "lr",
+    ):
         assert key in metrics and math.isfinite(metrics[key]), key
     assert metrics["grad_norm"] > 0
     assert len(records) == config.prompts_per_step * config.num_generations
@@ -56,8 +71,9 @@ def test_one_step_updates_lora_and_reports_metrics(data_file: Path, tmp_path: Pa
 
 
 def test_train_writes_checkpoint_metrics_and_plot(data_file: Path, tmp_path: Path) -> None:
-    config = small_config(data_file, tmp_path / "run", save_steps=1, save_total_limit=1,
-                          log_completions_steps=1)
+    config = small_config(
+        data_file, tmp_path / "run", save_steps=1, save_total_limit=1, log_completions_steps=1
+    )
     run_dir = train(config)
     checkpoints = sorted(p.name for p in run_dir.iterdir() if p.name.startswith("checkpoint-"))
     assert checkpoints == ["checkpoint-2"]  # save_total_limit=1 removed checkpoint-1
@@ -73,10 +89,17 @@ def test_train_writes_checkpoint_metrics_and_plot(data_file: Path, tmp_path: Pat
         train(config)  # a second run into the same directory must not mix with the first
 
 
-def test_resume_equals_uninterrupted(data_file: Path, tmp_path: Path,
-                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    straight = small_config(data_file, tmp_path / "straight", max_steps=4, save_steps=2,
-                            num_iterations=2, warmup_steps=1)
+def test_resume_equals_uninterrupted(
+    data_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    straight = small_config(
+        data_file,
+        tmp_path / "straight",
+        max_steps=4,
+        save_steps=2,
+        num_iterations=2,
+        warmup_steps=1,
+    )
     train(straight)
 
     # the same run killed during step 3, after checkpoint-2 was written, then resumed
@@ -84,7 +107,7 @@ def test_resume_equals_uninterrupted(data_file: Path, tmp_path: Path,
 
     real_step, calls = trainer_module.train_step, []
 
-    def killed_at_third_step(trainer):  # noqa: ANN001, ANN202
+    def killed_at_third_step(trainer):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
@@ -116,9 +139,20 @@ def _free_port() -> int:
 def test_torchrun_two_ranks_keep_identical_lora(data_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "dist"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-               str(ROOT / "tests" / "dist_train_worker.py"), str(data_file), str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        str(ROOT / "tests" / "dist_train_worker.py"),
+        str(data_file),
+        str(out),
+    ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rank0 = torch.load(out / "lora-rank0.pt")
@@ -157,8 +191,19 @@ def test_prompt_over_max_length_is_an_error(data_file: Path, tmp_path: Path) -> 
 def test_cli_flags_override_preset_and_file(tmp_path: Path) -> None:
     file = tmp_path / "c.yaml"
     file.write_text("learning_rate: 0.5\nnum_generations: 3\n")
-    config = load_config(["--config", str(file), "--num-generations", "5", "--beta", "0",
-                          "--reward-plugin", PLUGIN, "--mask-truncated-completions"])
+    config = load_config(
+        [
+            "--config",
+            str(file),
+            "--num-generations",
+            "5",
+            "--beta",
+            "0",
+            "--reward-plugin",
+            PLUGIN,
+            "--mask-truncated-completions",
+        ]
+    )
     assert (config.learning_rate, config.num_generations, config.beta) == (0.5, 5, 0.0)
     assert config.mask_truncated_completions is True and config.reward_plugin == [PLUGIN]
     with pytest.raises(ValueError, match="unknown config field"):

@@ -1,0 +1,34 @@
+"""Shared fixtures: the tiny offline Qwen2.5-VL and small images."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+from PIL import Image
+
+import models  # noqa: F401  (installs the torchvision shim before anything imports it)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    """The cached tiny checkpoint directory (built on first use, ~20 s)."""
+    from models.tiny import tiny_model_path
+
+    return tiny_model_path()
+
+
+@pytest.fixture
+def images() -> list[Image.Image]:
+    """Three RGB images of different sizes and contents."""
+    gen = torch.Generator().manual_seed(0)
+    sizes = [(120, 60), (56, 90), (84, 84)]
+    out = []
+    for w, h in sizes:
+        pixels = torch.randint(0, 256, (h, w, 3), generator=gen, dtype=torch.uint8)
+        out.append(Image.fromarray(pixels.numpy(), "RGB"))
+    return out
