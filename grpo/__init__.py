@@ -1,0 +1,1 @@
+"""The GRPO algorithm, model-agnostic: advantages, loss, samplers, the training loop."""
