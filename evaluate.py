@@ -1,0 +1,106 @@
+"""Evaluate a trained checkpoint, or merge its adapter into a full model.
+
+    python evaluate.py --ckpt runs/ocr/checkpoint-100                 # task, base from run.json
+    python evaluate.py --ckpt runs/ocr/checkpoint-100 --compare-base  # plus base, and deltas
+    python evaluate.py --ckpt merged/                                 # a merged model directory
+    python evaluate.py --model tiny --task ocr --data val.jsonl       # a plain model
+    python evaluate.py export --ckpt runs/ocr/checkpoint-100 --out merged/
+
+Metrics and outputs: grpo/evaluation.py and docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import models  # noqa: F401  (the torchvision shim must precede transformers' imports)
+from grpo.evaluation import (
+    EvalSettings,
+    evaluate,
+    export_checkpoint,
+    format_table,
+)
+from models.loading import ModelLoadError
+
+EPILOG = """\
+--ckpt accepts a checkpoint-N directory (adapter + run.json; the base model it names is
+loaded, or --model, which must be the same architecture), a run directory (its latest
+checkpoint), or a merged model directory. Without --ckpt, --model is evaluated as is.
+
+Export (merge the LoRA adapter into the base weights, save a full model directory that
+transformers and vLLM load like the original):
+    python evaluate.py export --ckpt runs/ocr/checkpoint-100 --out merged/
+    python evaluate.py export --help
+"""
+
+
+def eval_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="evaluate.py",
+        description="Greedy evaluation of a checkpoint on a validation set",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--ckpt", help="checkpoint-N dir, run dir, or merged model dir")
+    p.add_argument("--model", help="base model (name, path or 'tiny'); the model without --ckpt")
+    p.add_argument("--task", help="task name (default: the checkpoint's task, else ocr)")
+    p.add_argument("--data", help="validation data in any supported format (default: built-in)")
+    p.add_argument("--limit", type=int, help="evaluate the first N samples only")
+    p.add_argument("--skip-bad-samples", action="store_true", help="drop unreadable samples")
+    p.add_argument("--batch-size", type=int, help="prompts per generate call (default 8/64)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--sampler", choices=["hf", "vllm"], help="default: vllm on CUDA if installed")
+    p.add_argument("--compare-base", action="store_true", help="also evaluate the base model")
+    p.add_argument("--out", help="output directory (default: <ckpt>/eval or ./eval-<model>)")
+    p.add_argument("--train-prompt", action="store_true", help="use the training prompt")
+    p.add_argument("--rewards", help="reward means to report, 'name:w,...' (default: task's)")
+    p.add_argument("--reward-plugin", action="append", default=[], help="file registering rewards")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--attn-implementation")
+    p.add_argument("--min-pixels", type=int, help="default: the training run's setting")
+    p.add_argument("--max-pixels", type=int, help="default: the training run's setting")
+    p.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.5)
+    p.add_argument("--vllm-max-model-len", type=int, default=4096)
+    return p
+
+
+def export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="evaluate.py export",
+        description="Merge a checkpoint's LoRA adapter into its base model and save the full "
+        "model (safetensors, config, generation config, processor, tokenizer, chat template)",
+    )
+    p.add_argument("--ckpt", required=True, help="checkpoint-N dir (or run dir: latest)")
+    p.add_argument("--out", required=True, help="directory to write the merged model to")
+    p.add_argument("--model", help="base model location, if not the one in run.json")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: base's")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv[:1] == ["export"]:
+            args = export_parser().parse_args(argv[1:])
+            out = export_checkpoint(args.ckpt, args.out, args.model, args.dtype, args.overwrite)
+            print(f"merged model written to {out}")
+            return
+        settings = EvalSettings(**vars(eval_parser().parse_args(argv)))
+        report = evaluate(settings)
+    # bad input (DataError, EvaluationError, unknown task are ValueErrors): message, no trace
+    except (ValueError, KeyError, ModelLoadError, FileNotFoundError, FileExistsError) as e:
+        sys.exit(f"error: {e}")
+    summary = report.summary
+    title = summary["checkpoint"] or summary["model"]
+    print(
+        f"{title} | task {summary['task']} | {summary['num_samples']} samples | greedy, "
+        f"{summary['sampler']}"
+    )
+    print(format_table(summary))
+    print(f"predictions and summary.json written to {report.out_dir}")
+
+
+if __name__ == "__main__":
+    main()
