@@ -29,7 +29,7 @@ from models.policy import Policy, PolicySettings
 from models.tiny import TinySpec, tiny_model_path
 
 # vLLM's CPU attention needs head_dim >= 32; this spec is the tiny model at head_dim 32
-VLLM_TINY = TinySpec(num_heads=2, num_kv_heads=1, mrope_section=(4, 6, 6))
+VLLM_TINY = TinySpec()  # head_dim 32, which vLLM's CPU attention needs
 
 
 def bench_prompts(policy: Policy, count: int) -> list[PromptInput]:

@@ -29,10 +29,11 @@ class TinySpec:
 
     hidden_size: int = 64
     num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
+    # head_dim 32: vLLM's CPU attention kernels have no head size below 32
+    num_heads: int = 2
+    num_kv_heads: int = 1
     intermediate_size: int = 128
-    mrope_section: tuple[int, int, int] = (2, 3, 3)
+    mrope_section: tuple[int, int, int] = (4, 6, 6)
     vision_hidden_size: int = 32
     vision_depth: int = 2
     vision_heads: int = 2

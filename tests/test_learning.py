@@ -20,7 +20,7 @@ STEPS = 30
 START_STEPS, END_STEPS = 5, 5
 
 
-def run(tmp_path: Path, model: Path, shuffle: bool) -> list[float]:
+def run(tmp_path: Path, model: Path, shuffle: bool, sampler: str = "hf") -> list[float]:
     data = write_colour_script_data(tmp_path / f"data-{shuffle}", shuffle_labels=shuffle)
     config = small_config(
         data,
@@ -35,7 +35,7 @@ def run(tmp_path: Path, model: Path, shuffle: bool) -> list[float]:
         beta=0.0,
         lr_scheduler="constant",
         min_pixels=56 * 56,
-        max_pixels=56 * 56,
+        max_pixels=56 * 56, sampler=sampler,
     )
     run_dir = train(config)
     return [json.loads(line)["reward_mean"] for line in (run_dir / "metrics.jsonl").open()]
@@ -52,3 +52,14 @@ def test_reward_rises_only_when_the_image_carries_the_answer(tmp_path: Path) -> 
     assert 0.3 < start < 0.7, f"the untrained policy should be near chance, got {start:.2f}"
     assert end > start + 0.3 and end > 0.85, f"did not learn: {learned}"
     assert control_end < 0.7, f"learned without the image: {control}"
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_vllm_sampler_learns_like_the_transformers_one(tmp_path: Path) -> None:
+    pytest.importorskip("vllm", exc_type=ImportError)
+    model = script_feature_model(tmp_path / "model")
+    learned = run(tmp_path, model, shuffle=False, sampler="vllm")
+    start = sum(learned[:START_STEPS]) / START_STEPS
+    end = sum(learned[-END_STEPS:]) / END_STEPS
+    assert end > start + 0.3 and end > 0.85, f"did not learn with vLLM sampling: {learned}"

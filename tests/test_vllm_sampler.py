@@ -154,7 +154,7 @@ def test_unsupported_cpu_head_size_is_named_up_front() -> None:
     pytest.importorskip("vllm", exc_type=ImportError)
     from grpo.vllm_sampler import check_cpu_head_size
 
-    narrow = tiny_config(TinySpec(hidden_size=64, num_heads=4, num_kv_heads=2))  # head_dim 16
+    narrow = tiny_config(TinySpec(num_heads=4, num_kv_heads=2, mrope_section=(2, 3, 3)))  # dim 16
     with pytest.raises(ValueError, match="this model's is 16"):
         check_cpu_head_size(narrow)
     check_cpu_head_size(tiny_config(VLLM_TINY))  # head_dim 32: accepted

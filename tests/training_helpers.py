@@ -49,7 +49,6 @@ def small_config(data: Path, out: Path, **overrides: object) -> TrainConfig:
         save_steps=0,
         log_completions_steps=0,
         tensorboard=False,
-        lora_dropout=0.0,
         min_pixels=28 * 28,
         max_pixels=56 * 56,
     )

@@ -23,9 +23,8 @@ from models.policy import Policy, PolicySettings
 from models.tiny import TinySpec, tiny_model_path
 
 LOGP_TOLERANCE = 1e-4
-# vLLM's CPU attention kernels need head_dim >= 32: hidden 64 over 2 heads (1 KV head), and the
-# rotary sections sum to head_dim / 2 = 16.
-VLLM_TINY = TinySpec(num_heads=2, num_kv_heads=1, mrope_section=(4, 6, 6))
+# vLLM's CPU attention kernels need head_dim >= 32: the default tiny spec has it.
+VLLM_TINY = TinySpec()
 
 
 def vllm_policy() -> Policy:
