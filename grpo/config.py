@@ -69,7 +69,6 @@ class TrainConfig:
     # model
     lora_r: int = 8
     lora_alpha: int = 32
-    lora_dropout: float = 0.05
     lora_vision: bool = False
     dtype: str | None = None  # None: bf16 on CUDA, float32 on CPU
     attn_implementation: str | None = None  # None: flash_attention_2 if available, else sdpa
@@ -77,6 +76,7 @@ class TrainConfig:
     min_pixels: int | None = None
     max_pixels: int | None = None
     logprob_chunk_tokens: int = 1024
+    lean: bool = True  # False: straightforward sampler/log-probs (bench/step.py --naive)
     # checkpoints and logging
     save_steps: int = 50
     save_total_limit: int | None = 3

@@ -94,7 +94,7 @@ def load_training_samples(config: TrainConfig, task: Task) -> list[Sample]:
 
 
 def build_policy(config: TrainConfig, device: torch.device) -> Policy:
-    lora = LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_vision)
+    lora = LoraSettings(config.lora_r, config.lora_alpha, 0.0, config.lora_vision)
     settings = PolicySettings(
         model=config.model,
         lora=lora,
@@ -104,15 +104,19 @@ def build_policy(config: TrainConfig, device: torch.device) -> Policy:
         min_pixels=config.min_pixels,
         max_pixels=config.max_pixels,
         chunk_tokens=config.logprob_chunk_tokens,
+        lean=config.lean,
     )
     policy = Policy(settings, device)
+    # Dropout off for good: the policy that is trained must be the one that was sampled (and
+    # that vLLM holds), or the ratios and the sampler/trainer comparison measure noise.
+    policy.model.eval()
     # LoRA's A matrices are random: make every rank start from rank 0's
     for parameter in policy.trainable_parameters():
         parameter.data.copy_(distributed.broadcast_tensor(parameter.data))
     return policy
 
 
-def build_sampler(config: TrainConfig, policy: Policy, rank: int) -> Sampler:
+def build_sampler(config: TrainConfig, policy: Policy, max_images: int) -> Sampler:
     if config.sampler == "hf":
         return TransformersSampler(policy)
     from grpo.vllm_sampler import VLLMSampler, VLLMSettings
@@ -122,7 +126,8 @@ def build_sampler(config: TrainConfig, policy: Policy, rank: int) -> Sampler:
         max_model_len=config.vllm_max_model_len,
         sync=config.vllm_sync,
         sleep=config.vllm_sleep,
-        seed=config.seed * 1000 + rank,
+        seed=config.seed,  # the sampler adds the rank
+        max_images_per_prompt=max(1, max_images),
     )
     return VLLMSampler(policy, settings)
 
@@ -169,7 +174,7 @@ def build_trainer(config: TrainConfig, info: distributed.DistInfo) -> Trainer:
     reward_specs = parse_reward_spec(config.rewards or task.default_rewards)
     samples = load_training_samples(config, task)
     policy = build_policy(config, info.device)
-    sampler = build_sampler(config, policy, info.rank)
+    sampler = build_sampler(config, policy, max(len(s.images) for s in samples))
     optimizer = torch.optim.AdamW(
         policy.trainable_parameters(),
         lr=config.learning_rate,
@@ -351,14 +356,13 @@ def collect_generation_batch(trainer: Trainer) -> GenerationBatch:
 
 
 def sampler_logprobs_tensor(rollout: Rollout, batch: RolloutBatch) -> torch.Tensor | None:
-    """The sampler's per-token log-probs as [N, T] aligned with the batch (0 on padding)."""
+    """The sampler's per-token log-probs as [N, T] aligned with the batch (NaN = unscored)."""
     if rollout.sampler_logprobs is None:
         return None
-    out = torch.zeros_like(batch.completion_mask)  # [N, T]
-    for i, values in enumerate(rollout.sampler_logprobs):
-        width = min(len(values), out.shape[1])
-        out[i, :width] = torch.tensor(values[:width], dtype=out.dtype)
-    return torch.nan_to_num(out, nan=0.0)
+    from grpo.sampler_correction import pad_sampler_logprobs
+
+    width = batch.completion_mask.shape[1]
+    return pad_sampler_logprobs(rollout.sampler_logprobs, width).to(batch.completion_mask.device)
 
 
 @torch.no_grad()
@@ -609,4 +613,7 @@ def train(config: TrainConfig) -> Path:
     if main:
         plot_rewards(trainer.logger.run_dir)
     trainer.logger.close()
+    close = getattr(trainer.sampler, "close", None)
+    if close is not None:
+        close()  # before the process group goes: vLLM's teardown uses it
     return config.run_dir

@@ -1,13 +1,38 @@
-"""Sampling with transformers' `generate` (the sampler that needs no extra engine)."""
+"""Sampling with the policy's own weights: a lean decoding loop, and transformers' `generate`.
+
+Both draw N = P * n completions (group-major) from the same distribution per step,
+
+    p(v) = softmax(z / temperature)[v],   z = lm_head(h_last),   z[s] = -inf for vision ids s,
+
+then top-k / top-p when asked for. They differ in what they compute to get there.
+
+`generate` (transformers; the straightforward sampler, `lean=False`) repeats every prompt n
+times before the prefill, so each image goes through the vision tower n times; and per step it
+runs a logits-processor chain over the whole [N, V] vocabulary (suppression by an isin/where
+pass, a float32 copy) and `torch.multinomial`, which draws V exponential variates per row.
+
+`sample_completions` (the lean loop) computes only what the draw needs:
+- the prefill runs once per prompt (P rows, each image encoded once); its KV cache is then
+  repeated n times (`Cache.batch_repeat_interleave`) and only the last position's logits exist;
+- suppression writes -inf into the S vision columns in place;
+- a token is drawn by inverting the CDF: one uniform per row and a float64 cumulative sum,
+  instead of V exponentials per row. The sorting of top-k / top-p runs only when they are on;
+- rows that have produced a stop token leave the batch (and its cache) at once;
+- it reports the log-prob of each drawn token under the distribution it was drawn from.
+Decode positions are passed explicitly: the 3-D rotary position of generated token t of a row is
+(largest position of its prompt) + 1 + t on all three axes, as in the model's training forward.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from grpo.rollout import PromptInput, SamplingSettings
-from models.batch import encode_prompts, repeat_images
+from models.batch import PromptBatch, encode_prompts, repeat_images
+from models.logprobs import image_inputs, unwrap
 
 VISION_SPECIAL_TOKENS = (
     "<|vision_start|>",
@@ -40,6 +65,183 @@ def cut_at_stop(tokens: list[int], stop_ids: set[int], pad_id: int) -> list[int]
     while tokens and tokens[-1] == pad_id:
         tokens = tokens[:-1]
     return tokens
+
+
+# --------------------------------------------------------------------------------------------
+# One draw from [N, V] logits
+# --------------------------------------------------------------------------------------------
+
+
+def processed_scores(
+    logits: torch.Tensor, settings: SamplingSettings, suppressed: torch.Tensor
+) -> torch.Tensor:
+    """The scores a token is drawn from: [N, V] float32, `logits` overwritten when it is
+    float32 already. Suppressed ids -inf, divided by the temperature (not when greedy), then
+    transformers' own top-k and top-p warpers, only when they are on (they sort the row)."""
+    scores = logits.float()  # [N, V]
+    scores.index_fill_(1, suppressed, float("-inf"))
+    if settings.greedy:
+        return scores
+    if settings.temperature != 1.0:
+        scores.div_(settings.temperature)
+    if settings.top_k > 0:
+        from transformers.generation.logits_process import TopKLogitsWarper
+
+        scores = TopKLogitsWarper(settings.top_k)(None, scores)
+    if settings.top_p < 1.0:
+        from transformers.generation.logits_process import TopPLogitsWarper
+
+        scores = TopPLogitsWarper(settings.top_p)(None, scores)
+    return scores
+
+
+def draw_tokens(
+    scores: torch.Tensor, uniform: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row from softmax(scores), by inverting the CDF; and its log-prob.
+
+    scores [N, V] (-inf = impossible; overwritten); uniform [N] in [0, 1) (default: torch.rand).
+    With w = exp(scores - max) and c its float64 cumulative sum, the token is the first v with
+    c[v] > u * c[V-1]: token v is drawn with probability w[v] / sum(w), and a zero-weight token
+    never (its interval is empty). Returns (tokens [N] long, log p(token) [N] float32).
+    """
+    n = scores.shape[0]
+    if uniform is None:
+        uniform = torch.rand(n, dtype=torch.float64, device=scores.device)
+    shifted = scores.sub_(scores.amax(-1, keepdim=True))  # [N, V], max 0
+    weights = shifted.exp()  # [N, V]
+    cdf = weights.cumsum(-1, dtype=torch.float64)  # [N, V]
+    total = cdf[:, -1:]  # [N, 1]
+    # u * total strictly below total, so the search always lands on a token of weight > 0
+    below_total = torch.nextafter(total, torch.zeros_like(total))  # [N, 1]
+    target = torch.minimum(uniform.to(cdf)[:, None] * total, below_total)  # [N, 1]
+    tokens = torch.searchsorted(cdf, target, right=True).squeeze(-1)  # [N]
+    logp = shifted.gather(-1, tokens[:, None]).squeeze(-1) - total.squeeze(-1).log().float()
+    return tokens, logp
+
+
+def next_tokens(
+    logits: torch.Tensor, settings: SamplingSettings, suppressed: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens [N] for logits [N, V], and their log-probs [N] under the processed distribution
+    (greedy: the untempered one, as vLLM reports it)."""
+    scores = processed_scores(logits, settings, suppressed)  # [N, V]
+    if not settings.greedy:
+        return draw_tokens(scores)
+    tokens = scores.argmax(-1)  # [N]
+    logp = scores.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(scores, -1)
+    return tokens, logp
+
+
+# --------------------------------------------------------------------------------------------
+# The lean decoding loop
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Completions:
+    """N = P * n sampled completions, group-major, each ending at its first stop token."""
+
+    tokens: list[list[int]]
+    logprobs: list[list[float]]  # per token, under the distribution it was drawn from
+
+
+def prompt_positions(inner: Any, prompts: PromptBatch) -> torch.Tensor:
+    """3-D rotary positions [3, P, Lp] of the left-padded prompts (0 on padding)."""
+    positions, _ = inner.get_rope_index(
+        prompts.input_ids,
+        mm_token_type_ids=prompts.mm_token_type_ids,
+        image_grid_thw=prompts.image_grid_thw,
+        attention_mask=prompts.attention_mask,
+    )
+    return positions
+
+
+def _prefill(
+    model: Any, prompts: PromptBatch, image_features: list[torch.Tensor] | None
+) -> tuple[torch.Tensor, Any, torch.Tensor]:
+    """One forward over the P prompts: (last hidden state [P, H], KV cache, next position [P])."""
+    inner = unwrap(model).model
+    positions = prompt_positions(inner, prompts)  # [3, P, Lp]
+    own_rows = torch.arange(prompts.num_prompts, device=prompts.input_ids.device)  # [P]
+    out = inner(
+        input_ids=prompts.input_ids,
+        attention_mask=prompts.attention_mask,
+        position_ids=positions,
+        mm_token_type_ids=prompts.mm_token_type_ids,
+        image_grid_thw=prompts.image_grid_thw,
+        use_cache=True,
+        **image_inputs(prompts, own_rows, prompts.pixel_values, image_features),
+    )
+    next_position = positions.amax(dim=(0, 2)) + 1  # [P]
+    return out.last_hidden_state[:, -1], out.past_key_values, next_position
+
+
+def _decode_step(
+    model: Any, token: torch.Tensor, mask: torch.Tensor, position: torch.Tensor, cache: Any
+) -> torch.Tensor:
+    """Feed one token per row [A] at 3-D position `position` [A]; next logits [A, V]."""
+    out = unwrap(model).model(
+        input_ids=token[:, None],
+        attention_mask=mask,  # [A, cached + 1]
+        position_ids=position.view(1, -1, 1).expand(3, -1, 1),  # [3, A, 1]: text, all axes equal
+        past_key_values=cache,
+        use_cache=True,
+    )
+    return unwrap(model).lm_head(out.last_hidden_state[:, -1])
+
+
+@torch.no_grad()
+def sample_completions(
+    model: Any,
+    prompts: PromptBatch,
+    n: int,
+    settings: SamplingSettings,
+    stop_ids: set[int],
+    suppressed: torch.Tensor,
+    image_features: list[torch.Tensor] | None = None,
+) -> Completions:
+    """n completions per prompt (rows group-major) with a KV cache shared across each group.
+
+    `image_features` (per prompt image, from models.logprobs.encode_images) skip the vision
+    tower; without them each image is encoded once here, not n times.
+    """
+    device, width = prompts.input_ids.device, settings.max_new_tokens
+    hidden, cache, position = _prefill(model, prompts, image_features)  # [P, H], cache, [P]
+    logits = unwrap(model).lm_head(hidden).repeat_interleave(n, dim=0)  # [N, V]
+    cache.batch_repeat_interleave(n)
+    position = position.repeat_interleave(n)  # [A] next position of each active row
+    mask = prompts.attention_mask.repeat_interleave(n, dim=0)  # [A, Lp]
+    active = torch.arange(mask.shape[0], device=device)  # [A] output row of each active row
+
+    stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+    tokens = torch.zeros(mask.shape[0], width, dtype=torch.long, device=device)  # [N, W]
+    logps = torch.zeros(mask.shape[0], width, device=device)  # [N, W]
+    lengths = torch.full((mask.shape[0],), width, device=device)  # [N]
+    for t in range(width):
+        token, logp = next_tokens(logits, settings, suppressed)  # [A], [A]
+        tokens[active, t], logps[active, t] = token, logp
+        stopped = torch.isin(token, stops)  # [A]
+        if stopped.any():  # finished rows leave the batch and the cache
+            lengths[active[stopped]] = t + 1
+            going = (~stopped).nonzero().squeeze(-1)  # [A']
+            if going.numel() == 0:
+                break
+            active, token, position, mask = (x[going] for x in (active, token, position, mask))
+            cache.batch_select_indices(going)
+        if t + 1 < width:
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)  # [A, Lp + t + 1]
+            logits = _decode_step(model, token, mask, position + t, cache)  # [A, V]
+    ends = lengths.tolist()
+    return Completions(
+        [row[:end] for row, end in zip(tokens.tolist(), ends, strict=True)],
+        [row[:end] for row, end in zip(logps.tolist(), ends, strict=True)],
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# transformers' generate (the straightforward sampler)
+# --------------------------------------------------------------------------------------------
 
 
 def generate_kwargs(

@@ -2,16 +2,31 @@
 
 For a rollout batch (models/batch.py) the log-prob of completion token t of row i is
 
-    logp[i, t] = log softmax(z[i, t] / temperature)[y[i, t]],   z = lm_head(h[i, Lp - 1 + t])
+    z        = lm_head(h[i, Lp - 1 + t]) / temperature              (h: backbone last hidden state)
+    z[s]     = -inf  for every suppressed id s                        (the vision special tokens)
+    logp[i, t] = z[y] - logsumexp(z),   y = y[i, t]
 
-where h is the backbone's last hidden state. Only the hidden states that predict completion
-tokens, and only rows/steps inside the completion mask, go through the vocabulary projection;
-they do so in chunks of `chunk_tokens` tokens, each chunk under activation checkpointing, so
-the float32 logits that exist at any time are [chunk_tokens, vocab] — forward and backward —
-instead of [N, Lp + T, vocab]. Entropy, when asked for, comes from the same logits.
+The samplers never emit the vision special tokens: transformers' `suppress_tokens` and vLLM's
+`bad_words` set their logits to -inf before sampling. So the distribution actually sampled from
+is the model's softmax renormalised over the other tokens, and that is the distribution scored
+here: passing the same ids as `suppressed` removes a constant -log(1 - p_vision) gap between the
+sampler's and the trainer's log-probs (p_vision: the mass the model puts on those tokens).
 
-The image features can be computed once per prompt and shared by the G rows that continue it
-(`encode_images`), which is exact while the vision tower is not being trained.
+The lean path (`completion_logprobs`):
+- only the hidden states that predict completion tokens, and only rows/steps inside the
+  completion mask, go through the vocabulary projection;
+- they do so in chunks of `chunk_tokens` tokens through `ChunkLogProb`, an autograd function
+  that keeps no logits: forward saves the chunk's hidden states and log Z; backward recomputes
+  the chunk's logits and turns them, in place, into the gradient
+      d logp / d z = onehot(y) - softmax(z),
+  so one float32 [chunk_tokens, vocab] tensor is alive at a time, forward and backward;
+- entropy, when asked for, is a no-grad by-product of the same forward pass;
+- image features can be computed once per prompt and shared by the G rows that continue it
+  (`encode_images`), which is exact while the vision tower is not being trained.
+
+`naive_completion_logprobs` is the straightforward computation the lean one must equal: the
+full model forward with logits for every position, a float32 log_softmax over the whole
+vocabulary, images encoded once per row. Tests and `bench/step.py --naive` use it.
 """
 
 from __future__ import annotations
@@ -21,7 +36,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.autograd.function import FunctionCtx, once_differentiable
 
 from models.batch import PromptBatch, RolloutBatch
 
@@ -61,6 +76,24 @@ def features_for_rows(
     return torch.cat(per_row)
 
 
+def image_inputs(
+    prompts: PromptBatch,
+    prompt_of_row: torch.Tensor,
+    pixel_values: torch.Tensor | None,
+    image_features: list[torch.Tensor] | None,
+) -> dict[str, Any]:
+    """The vision keyword arguments of a forward: the rows' patches, or (with `image_features`,
+    one entry per prompt image) the finished features, which skips the vision tower."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    if prompts.image_grid_thw is None:
+        return {}
+    if image_features is None:
+        return {"pixel_values": pixel_values}
+    rows = features_for_rows(image_features, prompts, prompt_of_row)  # [tokens, H]
+    return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=(rows,))}}
+
+
 def backbone_hidden(
     model: Any, batch: RolloutBatch, image_features: list[torch.Tensor] | None = None
 ) -> torch.Tensor:
@@ -70,27 +103,22 @@ def backbone_hidden(
     positions are recomputed (generate() leaves stale `rope_deltas` on the model).
     With `image_features` (per prompt image, from `encode_images`) the vision tower is skipped.
     """
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
     inner = unwrap(model).model
-    kwargs: dict[str, Any] = {}
-    if batch.image_grid_thw is not None:
-        if image_features is None:
-            kwargs["pixel_values"] = batch.pixel_values
-        else:
-            rows = features_for_rows(image_features, batch.prompts, batch.prompt_of_row)
-            kwargs["mm_encoder_outputs"] = {
-                "image": BaseModelOutputWithPooling(pooler_output=(rows,))
-            }
+    vision = image_inputs(batch.prompts, batch.prompt_of_row, batch.pixel_values, image_features)
     out = inner(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
         mm_token_type_ids=batch.mm_token_type_ids,
         image_grid_thw=batch.image_grid_thw,
         use_cache=False,
-        **kwargs,
+        **vision,
     )
     return out.last_hidden_state
+
+
+# --------------------------------------------------------------------------------------------
+# One chunk: logits -> log p(target), entropy; gradient by recomputation
+# --------------------------------------------------------------------------------------------
 
 
 def _logit_dtype(hidden: torch.Tensor) -> torch.dtype:
@@ -98,24 +126,93 @@ def _logit_dtype(hidden: torch.Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, torch.float32)
 
 
-def _chunk_logprobs(
+def chunk_logits(
     hidden: torch.Tensor,
     weight: torch.Tensor,
-    targets: torch.Tensor,
     temperature: float,
-    with_entropy: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(target) and entropy for one chunk. hidden [C, H], weight [V, H], targets [C]."""
-    # float32 at least (bf16 logits are too coarse for ratios); float64 stays float64 (tests)
-    logits = (hidden @ weight.T).to(_logit_dtype(hidden)) / temperature  # [C, V]
-    log_z = torch.logsumexp(logits, dim=-1)  # [C]
-    logp = logits.gather(-1, targets[:, None]).squeeze(-1) - log_z  # [C]
-    entropy = torch.zeros_like(log_z)
-    if with_entropy:
-        with torch.no_grad():
-            probs = torch.softmax(logits, dim=-1)  # [C, V]
-            entropy = log_z - (probs * logits).sum(-1)  # H = log Z - E_p[z]
-    return logp, entropy.detach()
+    suppressed: torch.Tensor | None,
+) -> torch.Tensor:
+    """z = hidden @ weight^T / temperature with the suppressed ids at -inf: [C, V], float32+.
+
+    hidden [C, H], weight [V, H], suppressed [S] long. The matmul runs in the inputs' dtype
+    (a bf16 weight is not copied to float32); its result is float32 at least, because bf16
+    logits are too coarse for probability ratios.
+    """
+    logits = (hidden @ weight.T).to(_logit_dtype(hidden))  # [C, V], a fresh tensor
+    if temperature != 1.0:
+        logits.div_(temperature)
+    if suppressed is not None and suppressed.numel():
+        logits.index_fill_(1, suppressed, float("-inf"))
+    return logits
+
+
+def log_partition(
+    logits: torch.Tensor, suppressed: torch.Tensor | None, with_entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log Z [C], entropy [C] or None) of logits [C, V], which are overwritten.
+
+    With m the row max, y = z - m and e = exp(y), S = sum(e):
+        log Z = m + log S,    H = -sum p log p = log S - sum(e * y) / S.
+    In place where possible: without entropy the only [C, V] tensor is `logits` itself (a
+    fresh large tensor costs page faults on a CPU, and torch.logsumexp makes one).
+    """
+    top = logits.amax(-1)  # [C]
+    shifted = logits.sub_(top[:, None])  # [C, V] y = z - m (suppressed stay -inf)
+    if not with_entropy:
+        total = shifted.exp_().sum(-1)  # [C] S
+        return top + total.log(), None
+    weights = shifted.exp()  # [C, V] e
+    total = weights.sum(-1)  # [C] S
+    if suppressed is not None and suppressed.numel():
+        shifted.index_fill_(1, suppressed, 0.0)  # e = 0 there; 0 * -inf would be NaN
+    spread = weights.mul_(shifted).sum(-1)  # [C] sum(e * y)
+    return top + total.log(), total.log() - spread / total
+
+
+class ChunkLogProb(torch.autograd.Function):
+    """log p(targets) [C] of one chunk, and its entropy [C] (no gradient) when asked for.
+
+    Saves hidden [C, H], weight [V, H], targets [C] and log Z [C]; never the [C, V] logits.
+    Backward, with g = d loss / d logp [C]:
+        G = (softmax(z) - onehot(y)) * (-g / temperature)[:, None]    [C, V], built in place
+        d hidden = G @ weight,   d weight = G^T @ hidden (only when the weight is trained)
+    """
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        temperature: float,
+        suppressed: torch.Tensor | None,
+        with_entropy: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = chunk_logits(hidden, weight, temperature, suppressed)  # [C, V]
+        picked = logits.gather(-1, targets[:, None]).squeeze(-1)  # [C] z[y]
+        log_z, entropy = log_partition(logits, suppressed, with_entropy)  # logits consumed
+        logp = picked - log_z  # [C]
+        entropy = entropy if entropy is not None else torch.zeros_like(logp)
+        ctx.save_for_backward(hidden, weight, targets, log_z, suppressed)
+        ctx.temperature = temperature
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    @once_differentiable
+    def backward(
+        ctx: Any, grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, ...]:
+        hidden, weight, targets, log_z, suppressed = ctx.saved_tensors
+        grad = chunk_logits(hidden, weight, ctx.temperature, suppressed)  # [C, V]: z
+        grad.sub_(log_z[:, None]).exp_()  # softmax(z); the suppressed ids come out 0
+        rows = torch.arange(targets.shape[0], device=targets.device)  # [C]
+        grad[rows, targets] -= 1.0  # softmax - onehot
+        grad.mul_((-grad_logp.to(grad.dtype) / ctx.temperature)[:, None])  # [C, V]: G
+        grad = grad.to(weight.dtype)
+        grad_hidden = (grad @ weight).to(hidden.dtype) if ctx.needs_input_grad[0] else None
+        grad_weight = (grad.T @ hidden.to(weight.dtype)) if ctx.needs_input_grad[1] else None
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 def token_logprobs(
@@ -126,10 +223,12 @@ def token_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    suppressed: torch.Tensor | None = None,
 ) -> TokenLogProbs:
     """Log-probs of `targets` from `hidden` through `weight`, only where `mask` is set.
 
-    hidden [N, T, H] (position t predicts targets[:, t]); weight [V, H]; targets, mask [N, T].
+    hidden [N, T, H] (position t predicts targets[:, t]); weight [V, H]; targets, mask [N, T];
+    suppressed [S]: ids whose logits are -inf (the tokens the sampler never emits).
     """
     n, t = targets.shape
     where = mask.reshape(-1).nonzero().squeeze(-1)  # [M] flat indices of scored tokens
@@ -139,20 +238,21 @@ def token_logprobs(
     entropy = hidden.new_zeros(n * t, dtype=_logit_dtype(hidden))  # [N*T]
     pieces, entropies = [], []
     for start in range(0, where.numel(), chunk_tokens):
-        args = (h[start : start + chunk_tokens], weight, y[start : start + chunk_tokens])
-        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-            # recompute the chunk's logits in backward instead of keeping them alive
-            lp, ent = checkpoint(
-                _chunk_logprobs, *args, temperature, with_entropy, use_reentrant=False
-            )
-        else:
-            lp, ent = _chunk_logprobs(*args, temperature, with_entropy)
+        chunk = slice(start, start + chunk_tokens)
+        lp, ent = ChunkLogProb.apply(
+            h[chunk], weight, y[chunk], temperature, suppressed, with_entropy
+        )
         pieces.append(lp)
         entropies.append(ent)
     if pieces:
         logp = logp.index_put((where,), torch.cat(pieces))  # out of place: keeps the graph
         entropy = entropy.index_put((where,), torch.cat(entropies))
     return TokenLogProbs(logp.view(n, t), entropy.view(n, t) if with_entropy else None)
+
+
+# --------------------------------------------------------------------------------------------
+# Whole batches
+# --------------------------------------------------------------------------------------------
 
 
 def completion_logprobs(
@@ -162,6 +262,7 @@ def completion_logprobs(
     with_entropy: bool = False,
     image_features: list[torch.Tensor] | None = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    suppressed: torch.Tensor | None = None,
 ) -> TokenLogProbs:
     """Float32 log-probs [N, T] of the completion tokens under `model` (LoRA as it is set)."""
     hidden = backbone_hidden(model, batch, image_features)  # [N, Lp + T, H]
@@ -176,6 +277,7 @@ def completion_logprobs(
         temperature,
         with_entropy,
         chunk_tokens,
+        suppressed,
     )
 
 
@@ -185,19 +287,25 @@ def reference_logprobs(
     temperature: float = 1.0,
     image_features: list[torch.Tensor] | None = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    suppressed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Log-probs [N, T] under the frozen reference: the same model with its adapter disabled."""
     with torch.no_grad(), model.disable_adapter():
         return completion_logprobs(
-            model, batch, temperature, False, image_features, chunk_tokens
+            model, batch, temperature, False, image_features, chunk_tokens, suppressed
         ).logp
 
 
 def naive_completion_logprobs(
-    model: Any, batch: RolloutBatch, temperature: float = 1.0
-) -> torch.Tensor:
-    """The straightforward computation, for tests and `bench --naive`: full-sequence,
-    full-vocabulary float32 log_softmax, images encoded once per row. [N, T]."""
+    model: Any,
+    batch: RolloutBatch,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    suppressed: torch.Tensor | None = None,
+) -> TokenLogProbs:
+    """The straightforward computation, for tests and `bench --naive`: the model's logits for
+    every position, a float32 log_softmax over the whole vocabulary, the images encoded once
+    per row, then the completion positions picked out. [N, T] (entropy detached)."""
     out = model(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
@@ -206,7 +314,27 @@ def naive_completion_logprobs(
         image_grid_thw=batch.image_grid_thw,
         use_cache=False,
     )
-    logp_all = F.log_softmax(out.logits.float() / temperature, dim=-1)  # [N, Lp + T, V]
+    logits = out.logits.float() / temperature  # [N, Lp + T, V]
+    if suppressed is not None:
+        logits = logits.index_fill(-1, suppressed, float("-inf"))
+    logp_all = F.log_softmax(logits, dim=-1)  # [N, Lp + T, V]
     lp, t = batch.prompt_length, batch.completion_ids.shape[1]
-    logp = logp_all[:, lp - 1 : lp - 1 + t].gather(-1, batch.completion_ids[..., None]).squeeze(-1)
-    return logp * batch.completion_mask  # [N, T]
+    logp_completion = logp_all[:, lp - 1 : lp - 1 + t]  # [N, T, V]
+    logp = logp_completion.gather(-1, batch.completion_ids[..., None]).squeeze(-1)  # [N, T]
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            finite = logp_completion.clamp(min=torch.finfo(logp_completion.dtype).min)
+            entropy = -(finite.exp() * finite).sum(-1) * batch.completion_mask  # [N, T]
+    return TokenLogProbs(logp * batch.completion_mask, entropy)
+
+
+def naive_reference_logprobs(
+    model: Any,
+    batch: RolloutBatch,
+    temperature: float = 1.0,
+    suppressed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`naive_completion_logprobs` with the adapter disabled: [N, T]."""
+    with torch.no_grad(), model.disable_adapter():
+        return naive_completion_logprobs(model, batch, temperature, False, suppressed).logp

@@ -1,6 +1,7 @@
-"""Completion log-probs: the chunked vocabulary projection, agreement with the logits that
-`generate` sampled from, the cached image-feature path, text-only batches, and the frozen
-reference (adapter disabled) against a freshly loaded base model.
+"""Completion log-probs: the chunked vocabulary projection, agreement with the distribution
+`generate` sampled from (vision special tokens suppressed), the cached image-feature path,
+text-only batches, and the frozen reference (adapter disabled) against a freshly loaded base
+model.
 
 The tiny model's random init gives almost uniform next-token distributions (logit std ~0.16),
 where a position off by one changes a log-prob by only ~1e-3. The module's policy therefore
@@ -23,7 +24,7 @@ from torch.testing import assert_close
 
 from grpo.rollout import PromptInput, SamplingSettings
 from models.batch import RolloutBatch
-from models.generation import cut_at_stop, generate_kwargs
+from models.generation import cut_at_stop, generate_kwargs, hf_generate
 from models.loading import load_base_model
 from models.logprobs import (
     TokenLogProbs,
@@ -105,12 +106,19 @@ def completion_logits(policy: Policy, batch: RolloutBatch) -> torch.Tensor:
 
 
 def float64_reference(
-    logits: torch.Tensor, batch: RolloutBatch, temperature: float
+    logits: torch.Tensor,
+    batch: RolloutBatch,
+    temperature: float,
+    suppressed: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p(y) [N, T], entropy [N, T]) in float64, zero outside the completion mask."""
-    log_p = F.log_softmax(logits.double() / temperature, dim=-1)  # [N, T, V]
+    """(log p(y) [N, T], entropy [N, T]) in float64, zero outside the completion mask; the
+    `suppressed` ids get probability 0 (logit -inf)."""
+    z = logits.double() / temperature  # [N, T, V]
+    if suppressed:
+        z[..., suppressed] = float("-inf")
+    log_p = F.log_softmax(z, dim=-1)  # [N, T, V]
     logp = log_p.gather(-1, batch.completion_ids[..., None]).squeeze(-1)
-    entropy = -(log_p.exp() * log_p).sum(-1)
+    entropy = -torch.special.xlogy(log_p.exp(), log_p.exp()).sum(-1)  # 0 log 0 = 0
     return logp * batch.completion_mask, entropy * batch.completion_mask
 
 
@@ -130,7 +138,7 @@ def test_logprobs_match_generate_logits(
     new = out.sequences[:, kwargs["input_ids"].shape[1] :].tolist()
     completions = [cut_at_stop(t, policy.stop_ids, policy.pad_id) for t in new]
     torch.manual_seed(1)
-    assert policy.generate(prompts, GROUP, settings) == completions  # the same generate call
+    assert hf_generate(policy.model, policy.processor, prompts, GROUP, settings, CPU) == completions
 
     batch = policy.rollout_batch(policy.encode(prompts), completions, GROUP)
     assert batch.pixel_values is not None and batch.image_grid_thw.shape[0] == 3 * GROUP
@@ -142,23 +150,23 @@ def test_logprobs_match_generate_logits(
     raw = torch.stack(out.logits, dim=1)[:, :t].float()  # [N, T, V] before any processing
     processed = torch.stack(out.scores, dim=1)[:, :t].float()  # [N, T, V] sampled from
 
-    with torch.no_grad():
-        ours = policy.logprobs(batch, temperature).logp  # [N, T]
-    expected = F.log_softmax(raw.double() / temperature, dim=-1).gather(-1, y).squeeze(-1)
-    assert_close(ours[mask].double(), expected[mask], atol=1e-5, rtol=0)
-    assert (ours[~mask] == 0).all()
-
     # generate sampled from z / T with the vision tokens removed, nothing else (no top-k/p)
     vision = sorted(policy.vision_ids)
     manual = raw / temperature
     manual[..., vision] = float("-inf")
     assert_close(processed, manual, atol=1e-6, rtol=0)
-    # so its log-probs are ours renormalised over the non-vision tokens:
-    # log p_sampler = log p - log(1 - p_vision)
-    p_vision = F.softmax(raw / temperature, dim=-1)[..., vision].sum(-1)  # [N, T]
+
+    # and that distribution is exactly the one the trainer scores
+    with torch.no_grad():
+        ours = policy.logprobs(batch, temperature).logp  # [N, T]
     sampler = F.log_softmax(processed.double(), dim=-1).gather(-1, y).squeeze(-1)  # [N, T]
-    shifted = ours.double() - torch.log1p(-p_vision.double())
-    assert_close(sampler[mask], shifted[mask], atol=1e-5, rtol=0)
+    assert_close(ours[mask].double(), sampler[mask], atol=5e-6, rtol=0)
+    assert (ours[~mask] == 0).all()
+    # scoring the unsuppressed softmax instead would be off by log(1 - p_vision) < 0
+    p_vision = F.softmax(raw.double() / temperature, dim=-1)[..., vision].sum(-1)  # [N, T]
+    unsuppressed = F.log_softmax(raw.double() / temperature, dim=-1).gather(-1, y).squeeze(-1)
+    assert_close(unsuppressed[mask], (sampler + torch.log1p(-p_vision))[mask], atol=1e-6, rtol=0)
+    assert (p_vision[mask] > 0).all()
 
 
 # --- the cached image-feature path -------------------------------------------------------------
@@ -196,7 +204,8 @@ def test_text_only_prompts_end_to_end(policy: Policy) -> None:
     assert batch.pixel_values is None and batch.image_grid_thw is None
     assert policy.image_features(batch.prompts) is None
     out = policy.logprobs(batch, 1.0, with_entropy=True)
-    expected, entropy = float64_reference(completion_logits(policy, batch), batch, 1.0)
+    vision = sorted(policy.vision_ids)
+    expected, entropy = float64_reference(completion_logits(policy, batch), batch, 1.0, vision)
     assert_close(out.logp.double(), expected, atol=1e-5, rtol=0)
     assert_close(out.entropy.double(), entropy, atol=1e-4, rtol=0)
     assert out.logp.requires_grad and out.entropy.shape == out.logp.shape
@@ -211,14 +220,15 @@ def test_chunked_equals_naive_on_the_model(policy: Policy, images: list[Image.Im
     with torch.no_grad():
         small = completion_logprobs(policy.model, batch, 0.8, with_entropy=True, chunk_tokens=3)
         large = completion_logprobs(policy.model, batch, 0.8, with_entropy=True)
-        naive = naive_completion_logprobs(policy.model, batch, 0.8)
+        naive = naive_completion_logprobs(policy.model, batch, 0.8, with_entropy=True)
     expected, entropy = float64_reference(completion_logits(policy, batch), batch, 0.8)
     # chunk shapes change the matmul's blocking: a few float32 ulps apart, both accurate
     assert_close(small.logp, large.logp, atol=1e-5, rtol=0)
     assert_close(small.logp.double(), expected, atol=1e-5, rtol=0)
     assert_close(large.logp.double(), expected, atol=1e-5, rtol=0)
     assert_close(small.entropy.double(), entropy, atol=1e-4, rtol=0)
-    assert_close(naive.double(), expected, atol=1e-4, rtol=0)  # float32 log_softmax: coarser
+    assert_close(naive.logp.double(), expected, atol=1e-4, rtol=0)  # float32 log_softmax
+    assert_close(naive.entropy.double(), entropy, atol=1e-4, rtol=0)
     assert (small.entropy[~mask] == 0).all() and (small.logp[~mask] == 0).all()
 
 
@@ -336,7 +346,7 @@ def test_adapter_disabled_equals_fresh_base_model(
     sharpen(base)
     features = policy.image_features(batch.prompts)
     with torch.no_grad():
-        base_logp = completion_logprobs(base, batch).logp
+        base_logp = completion_logprobs(base, batch, suppressed=policy.suppressed).logp
         adapted = policy.logprobs(batch, 1.0).logp
     reference = policy.reference_logprobs(batch, 1.0)
     reference_cached = policy.reference_logprobs(batch, 1.0, image_features=features)

@@ -1,0 +1,188 @@
+"""Time of one GRPO step, lean paths against the straightforward ones, in one run.
+
+The workload is fixed: the tiny Qwen2.5-VL with the real 151,936-token vocabulary, the built-in
+OCR data, 2 prompts x G=4 completions of 32 new tokens, LoRA r=8 on the language model,
+float32, one optimizer pass (mu = 1). Each configuration (sampler x beta x lean/naive) runs in
+a fresh interpreter through grpo.trainer's own `build_trainer` and `train_step`: --warmup steps,
+then --steps timed steps. One JSON line per configuration:
+
+    sampler, beta, naive, threads, model       what ran
+    step_time_median, step_time_min            seconds per step after warm-up
+    time/sample, time/reward, time/logprobs,   the trainer's own split (medians): sample; rewards
+    time/backward, time/sync                   and advantages; reference (and old) log-probs;
+                                               policy log-probs + loss + backward + AdamW step;
+                                               weight sync into the sampler
+    completion_tokens_per_second               completion tokens / step time (median)
+    completion_length_mean                     so equal work can be checked (the random tiny
+                                               model almost never samples a stop token)
+    peak_rss_mib                               the worker's peak resident set size
+
+--naive sets TrainConfig.lean = False: transformers' generate (prompts repeated G times before
+the prefill, multinomial over the whole vocabulary), a full-sequence, full-vocabulary float32
+log_softmax for the policy and the reference, and the images encoded once per completion.
+--compare runs lean and naive and ends with one ratio line per (sampler, beta).
+
+    python bench/step.py --compare                    # transformers sampler, beta 0.04 and 0
+    python bench/step.py --compare --sampler both --threads 1
+    python bench/step.py --naive --beta 0 --steps 3
+
+Figures are printed, never asserted. On a shared machine, pass --threads 1 for steadier numbers:
+with more OpenMP threads than free cores, every small kernel waits for a descheduled thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the project's packages before bench/'s own modules (bench/rewards.py)
+TIMERS = ("time/sample", "time/reward", "time/logprobs", "time/backward", "time/sync")
+
+
+def workload(sampler: str, beta: float, naive: bool, model: str, output_dir: str) -> Any:
+    """The TrainConfig of the benchmark workload."""
+    from grpo.config import TrainConfig
+
+    return TrainConfig(
+        task="ocr",
+        model=model,
+        output_dir=output_dir,
+        seed=0,
+        max_steps=10_000,
+        prompts_per_step=2,
+        num_generations=4,
+        max_completion_length=32,
+        num_iterations=1,
+        beta=beta,
+        sampler=sampler,
+        lora_r=8,
+        dtype="float32",
+        lean=not naive,
+        save_steps=0,
+        log_completions_steps=0,
+        tensorboard=False,
+    )
+
+
+def run_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """Build a trainer, run warm-up + timed steps, and summarise (call in a fresh process)."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()  # before vLLM replaces set_num_threads with a no-op
+    import models  # noqa: F401  (torchvision shim first)
+    from grpo import distributed
+    from grpo.trainer import build_trainer, train_step
+
+    model = args.model or "tiny"
+    with tempfile.TemporaryDirectory() as out:
+        config = workload(args.sampler, args.beta, args.naive, model, out)
+        trainer = build_trainer(config, distributed.init_distributed())
+        for _ in range(args.warmup):
+            train_step(trainer)
+        steps = [train_step(trainer)[0] for _ in range(args.steps)]
+    times = [m["time/step"] for m in steps]
+    record: dict[str, Any] = {
+        "sampler": args.sampler,
+        "beta": args.beta,
+        "naive": args.naive,
+        "threads": threads,
+        "model": model,
+        "steps": args.steps,
+        "step_time_median": round(statistics.median(times), 3),
+        "step_time_min": round(min(times), 3),
+    }
+    for key in TIMERS:
+        record[key] = round(statistics.median(m.get(key, 0.0) for m in steps), 3)
+    record["completion_tokens_per_second"] = round(
+        statistics.median(m["completion_tokens_per_second"] for m in steps), 2
+    )
+    record["completion_length_mean"] = round(
+        statistics.mean(m["completion_length_mean"] for m in steps), 2
+    )
+    record["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return record
+
+
+def measure(args: argparse.Namespace, sampler: str, beta: float, naive: bool) -> dict[str, Any]:
+    """One configuration in a fresh interpreter (its own peak RSS, no warm state shared)."""
+    command = [sys.executable, os.path.abspath(__file__), "--worker", "--sampler", sampler]
+    command += ["--beta", str(beta), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    command += ["--naive"] if naive else []
+    command += ["--threads", str(args.threads)] if args.threads else []
+    command += ["--model", args.model] if args.model else []
+    env = {**os.environ, "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"worker {command[2:]} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def ratio(lean: dict[str, Any], naive: dict[str, Any]) -> dict[str, Any]:
+    """How many times faster the lean step is."""
+    return {
+        "ratio": "naive / lean",
+        "sampler": lean["sampler"],
+        "beta": lean["beta"],
+        "step_time_median": round(naive["step_time_median"] / lean["step_time_median"], 2),
+        "step_time_min": round(naive["step_time_min"] / lean["step_time_min"], 2),
+        **{
+            key: round(naive[key] / lean[key], 2)
+            for key in ("time/sample", "time/logprobs", "time/backward")
+            if lean[key] > 0
+        },
+        "peak_rss_mib": round(naive["peak_rss_mib"] / lean["peak_rss_mib"], 2),
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sampler", choices=["hf", "vllm", "both"], default="hf")
+    parser.add_argument(
+        "--beta", type=float, action="append", help="KL weight; repeatable (default: 0.04 and 0)"
+    )
+    parser.add_argument("--naive", action="store_true", help="only the straightforward paths")
+    parser.add_argument("--compare", action="store_true", help="lean and naive, and their ratio")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps before them")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's)"
+    )
+    parser.add_argument("--model", default=None, help="checkpoint dir (default: the tiny model)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker and args.sampler == "both":
+        parser.error("a worker runs one sampler")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        args.beta = args.beta[0] if args.beta else 0.04
+        print(json.dumps(run_worker(args)), flush=True)
+        return
+    samplers = ["hf", "vllm"] if args.sampler == "both" else [args.sampler]
+    betas = args.beta or [0.04, 0.0]
+    variants = [False, True] if args.compare else [args.naive]
+    for sampler in samplers:
+        for beta in betas:
+            records = {}
+            for naive in variants:
+                records[naive] = measure(args, sampler, beta, naive)
+                print(json.dumps(records[naive]), flush=True)
+            if args.compare:
+                print(json.dumps(ratio(records[False], records[True])), flush=True)
+
+
+if __name__ == "__main__":
+    main()
