@@ -16,8 +16,10 @@ BUILT_IN = ["boxed", "content", "count", "format", "format_strict", "math", "ocr
 
 @pytest.fixture(autouse=True)
 def isolated_registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Each test sees the built-in rewards only, and leaves no registrations behind."""
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    """Each test sees the built-in rewards only (plugins other test modules loaded are
+    dropped), and leaves no registrations behind."""
+    built_in = {name: fn for name, fn in registry._REGISTRY.items() if name in BUILT_IN}
+    monkeypatch.setattr(registry, "_REGISTRY", built_in)
     monkeypatch.setattr(registry, "_LOADED_PLUGINS", {})
     yield
 
