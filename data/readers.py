@@ -127,22 +127,31 @@ def _read_records(path: Path) -> Iterator[Parsed]:
 def _read_jsonl(path: Path) -> Iterator[Parsed]:
     """One JSON object per line; blank lines are ignored. Lines split on b"\\n" only, since
     json.dumps(ensure_ascii=False) may leave U+2028 inside a string."""
+    for where, line in _text_lines(path):
+        if isinstance(line, DataError):
+            yield line
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield DataError(f"{where}: malformed JSON: {e.msg} (column {e.colno})")
+            continue
+        yield _parse_record(record, where, path.parent)
+
+
+def _text_lines(path: Path) -> Iterator[tuple[str, str | DataError]]:
+    """("file:line", text) for every non-blank line, split on b"\n" only; a line that is not
+    UTF-8 comes as a DataError instead of text (a BOM on the first line is dropped)."""
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
             try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").rstrip("\r\n")
             except UnicodeDecodeError as e:
-                yield DataError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})")
+                yield where, DataError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})")
                 continue
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield DataError(f"{where}: malformed JSON: {e.msg} (column {e.colno})")
-                continue
-            yield _parse_record(record, where, path.parent)
+            if line.strip():
+                yield where, line
 
 
 def _read_json(path: Path) -> Iterator[Parsed]:
@@ -406,20 +415,14 @@ def _looks_like_index(path: Path) -> bool:
 def _read_index(index: Path) -> Iterator[Parsed]:
     """`image_name<TAB>text` per line; image names are relative to the index file's folder.
     The query is left empty: the task's default query asks to read the image."""
-    with index.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{index}:{lineno}"
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as e:
-                yield DataError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})")
-                continue
-            if not line.strip():
-                continue
-            try:
-                yield _index_sample(line, where, index.parent)
-            except DataError as e:
-                yield e
+    for where, line in _text_lines(index):
+        if isinstance(line, DataError):
+            yield line
+            continue
+        try:
+            yield _index_sample(line, where, index.parent)
+        except DataError as e:
+            yield e
 
 
 def _index_sample(line: str, where: str, base: Path) -> Sample:
