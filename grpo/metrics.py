@@ -17,22 +17,49 @@ from grpo import distributed
 
 
 def reduce_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    """Average metrics over ranks; keys ending in _max / _min take the max / min instead."""
+    """Average metrics over ranks; keys ending in _max / _min take the max / min instead.
+
+    A rank may lack a key (no row with signal: no loss statistics) or hold NaN: the mean is
+    over the ranks that have a finite value, NaN when none has.
+    """
     if not distributed.is_distributed() or distributed.get_world_size() == 1:
         return metrics
-    keys = sorted(metrics)
+    key_sets: list[list[str]] = [[] for _ in range(distributed.get_world_size())]
+    dist.all_gather_object(key_sets, sorted(metrics))
+    keys = sorted(set().union(*key_sets))
     out: dict[str, float] = {}
-    for suffix, op in (
-        ("_max", dist.ReduceOp.MAX),
-        ("_min", dist.ReduceOp.MIN),
-        ("", dist.ReduceOp.SUM),
+    for suffix, op, fill in (
+        ("_max", dist.ReduceOp.MAX, -math.inf),
+        ("_min", dist.ReduceOp.MIN, math.inf),
     ):
-        chosen = [k for k in keys if k.endswith(suffix) and k not in out]
-        values = torch.tensor([metrics[k] for k in chosen], dtype=torch.float64)  # [K]
+        chosen = [k for k in keys if k.endswith(suffix)]
+        values = torch.tensor(
+            [_finite_or(metrics.get(k), fill) for k in chosen], dtype=torch.float64
+        )  # [K]
         dist.all_reduce(values, op=op)
-        scale = 1.0 if suffix else 1.0 / distributed.get_world_size()
-        out.update({k: float(v) * scale for k, v in zip(chosen, values.tolist(), strict=True)})
+        out.update(
+            {
+                k: v if math.isfinite(v) else math.nan
+                for k, v in zip(chosen, values.tolist(), strict=True)
+            }
+        )
+    chosen = [k for k in keys if k not in out]
+    present = torch.tensor(
+        [_finite_or(metrics.get(k), math.nan) for k in chosen], dtype=torch.float64
+    )  # [K]
+    sums = torch.stack([present.nan_to_num(0.0), (~present.isnan()).double()])  # [2, K]
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+    out.update(
+        {
+            k: (s / c if c else math.nan)
+            for k, s, c in zip(chosen, sums[0].tolist(), sums[1].tolist(), strict=True)
+        }
+    )
     return out
+
+
+def _finite_or(value: float | None, fallback: float) -> float:
+    return value if value is not None and math.isfinite(value) else fallback
 
 
 class MetricsLogger:

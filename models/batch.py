@@ -115,6 +115,8 @@ def repeat_images(
     per_prompt = split_pixels(prompts)
     if not per_prompt:
         return None, None
+    if not prompt_of_row:  # no row kept (e.g. every group without signal): empty, not an error
+        return per_prompt[0][0][:0], per_prompt[0][1][:0]
     pixels = torch.cat([per_prompt[j][0] for j in prompt_of_row])  # [patches of all rows, D]
     grids = torch.cat([per_prompt[j][1] for j in prompt_of_row])  # [images of all rows, 3]
     return pixels, grids

@@ -211,3 +211,40 @@ def test_cli_flags_override_preset_and_file(tmp_path: Path) -> None:
         load_config(["--config", str(file)])
     with pytest.raises(ValueError, match="loss_type"):
         load_config(["--loss-type", "ppo"])
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"mask_truncated_completions": True},  # 6 tokens: every completion is truncated
+        {"skip_zero_std_groups": True, "rewards": "test_constant:1.0"},
+    ],
+    ids=["truncated", "zero-std"],
+)
+def test_rows_without_signal_leave_the_weights_alone(
+    data_file: Path, tmp_path: Path, overrides: dict
+) -> None:
+    config = small_config(data_file, tmp_path / "run", **overrides)
+    trainer = build_trainer(config, distributed.init_distributed())
+    before = [p.detach().clone() for p in trainer.policy.trainable_parameters()]
+    metrics, _ = train_step(trainer)
+    assert metrics["grad_norm"] == 0.0
+    after = trainer.policy.trainable_parameters()
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dapo", "dr_grpo"])
+def test_accumulated_generation_batches_train_with_every_loss(
+    data_file: Path, tmp_path: Path, loss_type: str
+) -> None:
+    config = small_config(
+        data_file,
+        tmp_path / "run",
+        loss_type=loss_type,
+        gradient_accumulation_steps=2,
+        scale_rewards="batch",
+    )
+    trainer = build_trainer(config, distributed.init_distributed())
+    metrics, records = train_step(trainer)
+    assert math.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
+    assert len(records) == 2 * config.prompts_per_step * config.num_generations

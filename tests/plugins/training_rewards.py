@@ -33,3 +33,9 @@ def script(completions: list[str], solution: list[str], **columns: list) -> list
         latin = first.isascii() and first.isalpha()
         out.append(1.0 if latin == (label == "latin") else 0.0)
     return out
+
+
+@register("test_constant")
+def constant(completions: list[str], **columns: list) -> list[float | None]:
+    """Every completion equal: every group has zero spread and carries no signal."""
+    return [1.0 for _ in completions]
