@@ -99,7 +99,13 @@ def load_checkpoint(path: Path, model: Any) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     adapter = load_file(str(path / "adapter" / "adapter_model.safetensors"))
-    result = set_peft_model_state_dict(model, adapter)
+    try:
+        result = set_peft_model_state_dict(model, adapter)
+    except RuntimeError as e:  # shape mismatch: the checkpoint was trained on another model
+        raise RuntimeError(
+            f"{path}: the adapter does not fit this model (was it trained "
+            f"from another base model?): {str(e)[:500]}"
+        ) from e
     if getattr(result, "unexpected_keys", None):
         raise RuntimeError(
             f"{path}: adapter has keys this model lacks: {result.unexpected_keys[:5]}"

@@ -248,3 +248,14 @@ def test_accumulated_generation_batches_train_with_every_loss(
     metrics, records = train_step(trainer)
     assert math.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
     assert len(records) == 2 * config.prompts_per_step * config.num_generations
+
+
+def test_resume_from_another_models_checkpoint_names_it(data_file: Path, tmp_path: Path) -> None:
+    from models.tiny import TinySpec, tiny_model_path
+
+    config = small_config(data_file, tmp_path / "run", max_steps=1, save_steps=1)
+    train(config)
+    other = TinySpec(hidden_size=32, num_heads=1, num_kv_heads=1, intermediate_size=64)
+    resumed = replace(config, model=str(tiny_model_path(spec=other)), max_steps=2, resume=True)
+    with pytest.raises(RuntimeError, match=r"checkpoint-1: the adapter does not fit this model"):
+        train(resumed)
