@@ -65,6 +65,8 @@ class GenerationBatch:
 
 @dataclass
 class Trainer:
+    """Everything a run holds between steps; `train_step(trainer)` advances it by one."""
+
     config: TrainConfig
     task: Task
     policy: Policy
