@@ -3,10 +3,6 @@ the single-process computation on the concatenated batch; grpo.distributed helpe
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,8 +12,8 @@ import torch.distributed as dist
 from grpo import distributed as gd
 from grpo.advantages import SCALES, group_advantages
 from grpo.loss import grpo_loss
+from tests.launch import torchrun
 
-ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().with_name("dist_maths_worker.py")
 WORLD, GROUP, PROMPTS, T = 2, 3, 4, 6
 F64 = torch.float64
@@ -44,25 +40,12 @@ def global_batch() -> dict[str, torch.Tensor | int]:
     }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     """Run the worker once under torchrun and load what each rank wrote."""
     out = tmp_path_factory.mktemp("dist")
     torch.save(global_batch(), out / "batch.pt")
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
-    env.update(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1"]
-    cmd += ["--nproc_per_node", str(WORLD), "--master_addr", "127.0.0.1"]
-    cmd += ["--master_port", str(free_port()), str(WORKER), str(out)]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    torchrun(WORKER, str(out), nproc=WORLD, timeout=120)
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 

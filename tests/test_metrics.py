@@ -3,33 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from grpo.metrics import MetricsLogger, plot_rewards, read_metrics
-from tests.test_trainer import ROOT, _free_port
+from tests.launch import ROOT, torchrun
 
 
 def test_reduce_metrics_over_two_ranks_with_missing_keys_and_nan(tmp_path: Path) -> None:
     out = tmp_path / "reduced"
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_free_port()),
-        str(ROOT / "tests" / "dist_metrics_worker.py"),
-        str(out),
-    ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun(ROOT / "tests" / "dist_metrics_worker.py", str(out))
     ranks = [json.loads(Path(f"{out}.rank{r}").read_text()) for r in (0, 1)]
     assert ranks[0] == ranks[1]
     expected = {"reward_mean": 1.5, "length_max": 1.0, "length_min": 0.0, "kl": 0.5, "loss": 3.0}

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,9 +16,8 @@ from grpo import distributed
 from grpo.config import load_config
 from grpo.trainer import build_trainer, train, train_step
 from rewards.compute import RewardError
+from tests.launch import ROOT, torchrun
 from tests.training_helpers import PLUGIN, small_config, write_ocr_jsonl
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -130,31 +125,9 @@ def test_resume_equals_uninterrupted(
     assert steps == [1, 2, 3, 4]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_two_ranks_keep_identical_lora(data_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "dist"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_free_port()),
-        str(ROOT / "tests" / "dist_train_worker.py"),
-        str(data_file),
-        str(out),
-    ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    torchrun(ROOT / "tests" / "dist_train_worker.py", str(data_file), str(out), timeout=600)
     rank0 = torch.load(out / "lora-rank0.pt")
     rank1 = torch.load(out / "lora-rank1.pt")
     initial = torch.load(out / "lora-initial-rank0.pt")
