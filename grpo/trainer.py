@@ -52,15 +52,19 @@ class GenerationBatch:
     N rows = prompts x G; rows that carry no signal may already have been dropped.
     """
 
-    batch: RolloutBatch
+    batch: RolloutBatch  # rows without signal already removed
     advantages: torch.Tensor  # [N]
-    loss_mask: torch.Tensor  # [N, T] completion mask, minus rows excluded from the loss
     image_features: list[torch.Tensor] | None  # per prompt image, reused by every forward
     sampler_logp: torch.Tensor | None  # [N, T] log-probs reported by the sampler
     ref_logp: torch.Tensor | None = None  # [N, T] frozen reference (beta > 0)
     old_logp: torch.Tensor | None = None  # [N, T] policy before this step's updates (mu > 1)
     metrics: dict[str, float] = field(default_factory=dict)
     records: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def loss_mask(self) -> torch.Tensor:
+        """[N, T] the tokens that enter the loss: each kept row's completion up to its EOS."""
+        return self.batch.completion_mask
 
 
 @dataclass
@@ -342,15 +346,9 @@ def collect_generation_batch(trainer: Trainer) -> GenerationBatch:
         advantages = advantages[keep]
         sampler_logp = None if sampler_logp is None else sampler_logp[keep]
     advantages = advantages.to(policy.device, torch.float32)  # [n]
-    loss_mask = batch.completion_mask  # [n, T]
+    features = policy.image_features(prompt_batch) if keep else None
     generation = GenerationBatch(
-        batch,
-        advantages,
-        loss_mask,
-        policy.image_features(prompt_batch),
-        sampler_logp,
-        metrics=metrics,
-        records=records,
+        batch, advantages, features, sampler_logp, metrics=metrics, records=records
     )
     if keep:
         add_fixed_logprobs(trainer, generation)
