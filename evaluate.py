@@ -13,13 +13,20 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
+from pathlib import Path
 
-import models  # noqa: F401  (the torchvision shim must precede transformers' imports)
-from grpo.evaluation import (
-    EvalSettings,
-    evaluate,
-    export_checkpoint,
-    format_table,
+import torch
+
+import models  # the torchvision shim must precede transformers' imports
+from grpo.checkpoint import CheckpointError, resolve_source
+from grpo.evaluation import EvalSettings, evaluate, format_table, policy_settings
+from models.export import (
+    check_output_dir,
+    check_same_base,
+    export_merged,
+    load_policy,
+    stored_dtype,
 )
 from models.loading import ModelLoadError
 
@@ -79,6 +86,35 @@ def export_parser() -> argparse.ArgumentParser:
     return p
 
 
+def export_checkpoint(
+    ckpt: str,
+    out: str,
+    model: str | None = None,
+    dtype: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Merge a checkpoint's adapter into its base and save the full model to `out`.
+
+    dtype: of the saved weights; None: the dtype the base model is stored in.
+    """
+    source = resolve_source(ckpt, model, check_same_base)
+    if source.adapter is None:
+        raise CheckpointError(f"--ckpt {ckpt}: has no adapter to merge (already a full model)")
+    check_output_dir(Path(out), overwrite)  # before minutes of loading, not after
+    dtype = dtype or stored_dtype(source.model)
+    settings = replace(policy_settings(EvalSettings(), source), dtype=dtype)
+    policy = load_policy(source.model, source.adapter, settings, torch.device("cpu"))
+    info = {
+        "base_model": source.run.get("base_model", source.model),
+        "base_model_path": source.model,
+        "checkpoint": str(source.path),
+        "task": source.task,
+        "step": source.run.get("step"),
+        "config": source.run_config,
+    }
+    return export_merged(policy, Path(out), info, dtype, overwrite)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -88,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"merged model written to {out}")
             return
         settings = EvalSettings(**vars(eval_parser().parse_args(argv)))
-        report = evaluate(settings)
+        report = evaluate(settings, models.BACKEND)
     # bad input (DataError, EvaluationError, unknown task are ValueErrors): message, no trace
     except (ValueError, KeyError, ModelLoadError, FileNotFoundError, FileExistsError) as e:
         sys.exit(f"error: {e}")

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import sys
 
-import models  # noqa: F401  (the torchvision shim must precede transformers' imports)
+import models  # the torchvision shim must precede transformers' imports
 from grpo.config import load_config
 from grpo.trainer import train
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_dir = train(load_config(argv))
+    run_dir = train(load_config(argv), models.BACKEND)
     print(f"run finished: {run_dir}")
 
 

@@ -24,8 +24,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 from PIL import Image
 
-from grpo.rollout import PromptInput, SamplingSettings
-from models.policy import Policy, PolicySettings
+from grpo.types import PolicySettings, PromptInput, SamplingSettings
+from models.policy import Policy
+from models.samplers import TransformersSampler
 from models.tiny import TinySpec, tiny_model_path
 
 # vLLM's CPU attention needs head_dim >= 32; this spec is the tiny model at head_dim 32
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
 
-    from grpo.vllm_sampler import VLLMSampler, VLLMSettings
+    from models.vllm_sampler import VLLMSampler, VLLMSettings
 
     torch.manual_seed(0)
     path = args.model or str(tiny_model_path(spec=VLLM_TINY))
@@ -74,7 +75,10 @@ def main(argv: list[str] | None = None) -> None:
 
     results = {
         "transformers generate": timed(
-            lambda: policy.generate(prompts, args.group, settings), args.repeats
+            lambda: (
+                TransformersSampler(policy).generate(prompts, args.group, settings).completion_ids
+            ),
+            args.repeats,
         ),
         "vLLM (colocated)": timed(
             lambda: vllm.generate(prompts, args.group, settings).completion_ids, args.repeats

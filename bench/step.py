@@ -17,9 +17,10 @@ then --steps timed steps. One JSON line per configuration:
                                                model almost never samples a stop token)
     peak_rss_mib                               the worker's peak resident set size
 
---naive sets TrainConfig.lean = False: transformers' generate (prompts repeated G times before
-the prefill, multinomial over the whole vocabulary), a full-sequence, full-vocabulary float32
-log_softmax for the policy and the reference, and the images encoded once per completion.
+--naive trains through tests/naive.py's NAIVE_BACKEND: transformers' generate (prompts repeated G
+times before the prefill, multinomial over the whole vocabulary), a full-sequence,
+full-vocabulary float32 log_softmax for the policy and the reference, and the images encoded
+once per completion.
 --compare runs lean and naive and ends with one ratio line per (sampler, beta).
 
     python bench/step.py --compare                    # transformers sampler, beta 0.04 and 0
@@ -65,7 +66,6 @@ def workload(sampler: str, beta: float, naive: bool, model: str, output_dir: str
         sampler=sampler,
         lora_r=8,
         dtype="float32",
-        lean=not naive,
         save_steps=0,
         log_completions_steps=0,
         tensorboard=False,
@@ -86,7 +86,11 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     model = args.model or "tiny"
     with tempfile.TemporaryDirectory() as out:
         config = workload(args.sampler, args.beta, args.naive, model, out)
-        trainer = build_trainer(config, distributed.init_distributed())
+        from models import BACKEND
+        from tests.naive import NAIVE_BACKEND
+
+        backend = NAIVE_BACKEND if args.naive else BACKEND
+        trainer = build_trainer(config, distributed.init_distributed(), backend)
         for _ in range(args.warmup):
             train_step(trainer)
         steps = [train_step(trainer)[0] for _ in range(args.steps)]

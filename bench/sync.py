@@ -27,8 +27,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 
+from grpo.types import PolicySettings
 from models.merge import merged_lora_weights, merged_state_dict
-from models.policy import Policy, PolicySettings
+from models.policy import Policy
 from models.tiny import TinySpec, tiny_model_path
 
 MIB = 1024**2
@@ -68,8 +69,8 @@ Timing = tuple[str, int, float, float]  # (variant, tensors, MiB, median seconds
 
 def merged_engine_timings(policy: Policy, repeats: int) -> list[Timing]:
     """Merged delta and full state dict, both into one engine in the default sync mode."""
-    from grpo.vllm_sampler import VLLMSampler, VLLMSettings
-    from grpo.weight_sync import push_weights, reset_caches
+    from models.vllm_sampler import VLLMSampler, VLLMSettings
+    from models.weight_sync import push_weights, reset_caches
 
     sampler = VLLMSampler(policy, VLLMSettings(kv_cache_gib=0.25))
     delta = list(merged_lora_weights(policy))
@@ -92,7 +93,7 @@ def merged_engine_timings(policy: Policy, repeats: int) -> list[Timing]:
 
 def adapter_engine_timing(policy: Policy, repeats: int) -> Timing:
     """Adapter sync: save the peft adapter, load it into vLLM's LoRA under a new id."""
-    from grpo.vllm_sampler import VLLMSampler, VLLMSettings
+    from models.vllm_sampler import VLLMSampler, VLLMSettings
 
     sampler = VLLMSampler(policy, VLLMSettings(kv_cache_gib=0.25, sync="adapter"))
     lora = [(n, p) for n, p in policy.model.named_parameters() if "lora_" in n]

@@ -7,6 +7,13 @@ Layout of `run_dir/checkpoint-<step>/`:
     rng-rank<r>.pt       every rank's RNG states (python, torch, CUDA)
     run.json             base model, task and the resolved config (what evaluate.py reads)
 
+`resolve_source` turns what evaluate.py is given (--ckpt, --model) into what to load:
+- a checkpoint-N directory (adapter/ + run.json): the base model named in run.json (or
+  --model, checked to be the same architecture) with the adapter on it;
+- a run directory: its latest checkpoint-N;
+- a merged model directory (config.json, e.g. from `evaluate.py export`): that model;
+- no --ckpt: the plain model --model.
+
 A checkpoint is written into a hidden `.checkpoint-<step>.tmp` directory and renamed into place
 when complete: rename is atomic, so a kill during a save leaves no `checkpoint-<step>` that
 looks complete but is not, and only complete checkpoints are ever found by `latest_checkpoint`.
@@ -18,12 +25,22 @@ import json
 import random
 import re
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from grpo import distributed
+from grpo.types import ADAPTER_CONFIG, EXPORT_INFO, Policy
+
+BaseCheck = Callable[[str, str], None]  # (expected base, given model) -> raises if they differ
+
+
+class CheckpointError(ValueError):
+    """A path is not a checkpoint, run or model directory, or names no usable base model."""
+
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
@@ -60,7 +77,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(
     run_dir: Path,
     step: int,
-    model: Any,
+    policy: Policy,
     trainer_state: dict[str, Any],
     run_info: dict[str, Any],
     keep: int | None,
@@ -71,7 +88,7 @@ def save_checkpoint(
     if distributed.is_main_process():
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        model.save_pretrained(tmp / "adapter")
+        policy.save_trainable(tmp / "adapter")
         torch.save(trainer_state, tmp / "trainer_state.pt")
         (tmp / "run.json").write_text(json.dumps(run_info, indent=1, ensure_ascii=False))
     distributed.barrier()
@@ -93,23 +110,9 @@ def _rotate(run_dir: Path, keep: int | None) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, model: Any) -> dict[str, Any]:
-    """Load adapter weights into `model` and this rank's RNG; return the trainer state."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    adapter = load_file(str(path / "adapter" / "adapter_model.safetensors"))
-    try:
-        result = set_peft_model_state_dict(model, adapter)
-    except RuntimeError as e:  # shape mismatch: the checkpoint was trained on another model
-        raise RuntimeError(
-            f"{path}: the adapter does not fit this model (was it trained "
-            f"from another base model?): {str(e)[:500]}"
-        ) from e
-    if getattr(result, "unexpected_keys", None):
-        raise RuntimeError(
-            f"{path}: adapter has keys this model lacks: {result.unexpected_keys[:5]}"
-        )
+def load_checkpoint(path: Path, policy: Policy) -> dict[str, Any]:
+    """Load the trained weights into `policy` and this rank's RNG; return the trainer state."""
+    policy.load_trainable(path / "adapter")
     rng_file = path / f"rng-rank{distributed.get_rank()}.pt"
     if not rng_file.is_file():
         raise RuntimeError(
@@ -126,3 +129,101 @@ def read_run_info(path: Path) -> dict[str, Any]:
     if not info.is_file():
         raise FileNotFoundError(f"{path}: not a checkpoint of this trainer (no run.json)")
     return json.loads(info.read_text())
+
+
+# --------------------------------------------------------------------------------------------
+# What --ckpt / --model name (evaluate.py)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What --ckpt / --model resolve to.
+
+    model:   what to load (a base model under an adapter, or the model itself);
+    adapter: the peft adapter directory, for a training checkpoint;
+    base:    the model to compare against (None: unknown);
+    run:     run.json of the checkpoint or export_info.json of a merged model ({} if none).
+    """
+
+    kind: str  # "checkpoint" | "merged" | "model"
+    model: str
+    adapter: Path | None
+    base: str | None
+    path: Path | None
+    run: dict[str, Any]
+
+    @property
+    def task(self) -> str | None:
+        return self.run.get("task")
+
+    @property
+    def run_config(self) -> dict[str, Any]:
+        return self.run.get("config") or {}
+
+
+def _is_missing_dir(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) and not Path(name).expanduser().is_dir()
+
+
+def trained_base(run: dict[str, Any]) -> str | None:
+    """The base model a run trained: its resolved path if present here, else its name."""
+    candidates = [run.get("base_model_path"), run.get("base_model")]
+    usable = [str(c) for c in candidates if c and not _is_missing_dir(str(c))]
+    return usable[0] if usable else None
+
+
+def _checkpoint_base(
+    run: dict[str, Any], where: Path, model: str | None, same_base: BaseCheck | None
+) -> str:
+    """The base model under a checkpoint's adapter: --model (checked) or the one in run.json."""
+    named = run.get("base_model_path") or run.get("base_model")
+    if not named:
+        raise CheckpointError(f"{where}: run.json names no base model; pass --model")
+    base = trained_base(run)
+    if model is not None:
+        if base is not None and same_base is not None:
+            same_base(base, model)
+        return model
+    if base is None:
+        raise CheckpointError(
+            f"{where}: the base model {named} it was trained on is not on this machine; "
+            "pass --model with its location"
+        )
+    return base
+
+
+def resolve_source(
+    ckpt: str | None, model: str | None, same_base: BaseCheck | None = None
+) -> ModelSource:
+    """Interpret --ckpt and --model (module docstring). `same_base(expected, given)` raises
+    when --model is not the architecture the checkpoint was trained on."""
+    if ckpt is None:
+        if model is None:
+            raise CheckpointError("give --ckpt (a checkpoint or merged model) or --model")
+        return ModelSource("model", model, None, None, None, {})
+    path = Path(ckpt).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"--ckpt {ckpt}: no such file or directory")
+    if (path / "run.json").is_file() and (path / "adapter").is_dir():
+        run = read_run_info(path)
+        base = _checkpoint_base(run, path, model, same_base)
+        return ModelSource("checkpoint", base, path / "adapter", base, path, run)
+    if (path / ADAPTER_CONFIG).is_file():  # an adapter folder: inside a checkpoint, or bare
+        if (path.parent / "run.json").is_file():
+            return replace(resolve_source(str(path.parent), model, same_base), adapter=path)
+        named = json.loads((path / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+        run = {"base_model": named} if named else {}
+        base = _checkpoint_base(run, path, model, same_base)
+        return ModelSource("checkpoint", base, path, base, path, run)
+    if (latest := latest_checkpoint(path)) is not None:  # a run directory
+        return resolve_source(str(latest), model, same_base)
+    if (path / "config.json").is_file():
+        info_file = path / EXPORT_INFO
+        run = json.loads(info_file.read_text()) if info_file.is_file() else {}
+        base = model or trained_base(run)
+        return ModelSource("merged", str(path), None, base, path, run)
+    raise CheckpointError(
+        f"--ckpt {ckpt}: not a checkpoint (adapter/ + run.json), a run directory "
+        "(checkpoint-N), or a model directory (config.json)"
+    )

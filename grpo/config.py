@@ -17,6 +17,9 @@ from typing import Any
 
 import yaml
 
+from grpo.loss import LossSettings
+from grpo.types import PolicySettings, SamplerSettings, SamplingSettings
+
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -76,7 +79,6 @@ class TrainConfig:
     min_pixels: int | None = None
     max_pixels: int | None = None
     logprob_chunk_tokens: int = 1024
-    lean: bool = True  # False: straightforward sampler/log-probs (bench/step.py --naive)
     # checkpoints and logging
     save_steps: int = 50
     save_total_limit: int | None = 3
@@ -88,6 +90,49 @@ class TrainConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir.format(task=self.task))
+
+    # --- the records the loop hands on ------------------------------------------------------
+    def policy_settings(self) -> PolicySettings:
+        return PolicySettings(
+            model=self.model,
+            lora_r=self.lora_r,
+            lora_alpha=self.lora_alpha,
+            lora_vision=self.lora_vision,
+            dtype=self.dtype,
+            attn_implementation=self.attn_implementation,
+            gradient_checkpointing=self.gradient_checkpointing,
+            min_pixels=self.min_pixels,
+            max_pixels=self.max_pixels,
+            chunk_tokens=self.logprob_chunk_tokens,
+        )
+
+    def sampler_settings(self, max_images_per_prompt: int = 1) -> SamplerSettings:
+        return SamplerSettings(
+            backend=self.sampler,
+            gpu_memory_utilization=self.vllm_gpu_memory_utilization,
+            max_model_len=self.vllm_max_model_len,
+            sync=self.vllm_sync,
+            sleep=self.vllm_sleep,
+            seed=self.seed,
+            max_images_per_prompt=max(1, max_images_per_prompt),
+        )
+
+    def sampling_settings(self) -> SamplingSettings:
+        return SamplingSettings(
+            max_new_tokens=self.max_completion_length,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+        )
+
+    def loss_settings(self) -> LossSettings:
+        return LossSettings(
+            loss_type=self.loss_type,
+            beta=self.beta,
+            eps_low=self.epsilon_low,
+            eps_high=self.epsilon_high,
+            max_completion_length=self.max_completion_length,
+        )
 
 
 def _field_type(f: dataclasses.Field) -> Any:

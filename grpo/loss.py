@@ -31,6 +31,7 @@ ref_logp - logp > 20. Padding positions are never read: they may hold anything, 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -39,6 +40,20 @@ from grpo.distributed import get_world_size
 
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
 LOG_RATIO_BOUND = 20.0
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """The options of `grpo_loss` (module docstring); checked when the loss is computed.
+
+    eps_high None means eps_low; max_completion_length is the dr_grpo denominator (None: T).
+    """
+
+    loss_type: str = "grpo"
+    beta: float = 0.0
+    eps_low: float = 0.2
+    eps_high: float | None = None
+    max_completion_length: int | None = None
 
 
 def _check_inputs(
@@ -127,19 +142,15 @@ def grpo_loss(
     ref_logp: Tensor | None,
     advantages: Tensor,
     mask: Tensor,
+    settings: LossSettings = LossSettings(),
     *,
-    beta: float = 0.0,
-    eps_low: float = 0.2,
-    eps_high: float | None = None,
-    loss_type: str = "grpo",
-    max_completion_length: int | None = None,
     num_items: float | Tensor | None = None,
     is_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """GRPO loss (formulas in the module docstring) and detached 0-d statistics.
 
     logp, old_logp, ref_logp, mask, is_weights: [N, T]; advantages: [N] (NaN is a ValueError).
-    ref_logp may be None when beta == 0 (then stats["kl"] is 0). eps_high=None means eps_low.
+    ref_logp may be None when settings.beta == 0 (then stats["kl"] is 0).
     mask is 0/1, bool or float; a row with no active token contributes 0. num_items: the dapo
     denominator, the active-token count of the whole generation batch over all ranks
     (None: this batch's count). max_completion_length: the dr_grpo denominator (None: T).
@@ -149,7 +160,8 @@ def grpo_loss(
     (rho > 1 + eps_high and A > 0), clip_frac (their sum), ratio_mean / ratio_min / ratio_max,
     all over this rank's active tokens.
     """
-    eps_high = eps_low if eps_high is None else eps_high
+    beta, eps_low, loss_type = settings.beta, settings.eps_low, settings.loss_type
+    eps_high = eps_low if settings.eps_high is None else settings.eps_high
     named = {"old_logp": old_logp, "ref_logp": ref_logp, "mask": mask, "is_weights": is_weights}
     _check_inputs(logp, named, advantages, mask)
     _check_options(loss_type, beta, ref_logp is not None, eps_low, eps_high)
@@ -175,5 +187,5 @@ def grpo_loss(
         per_token = per_token + beta * kl  # [N, T]
     per_token = torch.where(m, per_token, 0.0)  # [N, T]
 
-    loss = _aggregate(per_token, m.to(dtype), loss_type, max_completion_length, num_items)
+    loss = _aggregate(per_token, m.to(dtype), loss_type, settings.max_completion_length, num_items)
     return loss, _stats(ratio, adv, kl, m, eps_low, eps_high)

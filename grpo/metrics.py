@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import json
 import math
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +18,27 @@ import torch
 import torch.distributed as dist
 
 from grpo import distributed
+
+
+class Stopwatch:
+    """Seconds spent per named phase of a step: `with timer("sample"): ...` adds to
+    `timer.seconds["sample"]` (phases may nest and repeat)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        tic = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - tic
+
+
+def mean_of(dicts: list[dict[str, float]]) -> dict[str, float]:
+    """Key-wise mean of dicts that share their keys (those of the first)."""
+    return {k: sum(d[k] for d in dicts) / len(dicts) for k in dicts[0]}
 
 
 def reduce_metrics(metrics: dict[str, float]) -> dict[str, float]:

@@ -1,71 +1,92 @@
-"""Sampling G completions per prompt: the Sampler interface and its transformers backend.
+"""From samples to scored groups: the prompts of a batch and what the trainer keeps of it.
 
-A sampler turns P prompts into N = P * G completions, group-major: the G completions of
-prompt j are rows j*G .. j*G + G - 1. The trainer depends only on this interface, so the
-transformers sampler here and the colocated vLLM sampler (grpo/vllm_sampler.py) are
-interchangeable.
+Shared by training (grpo/trainer.py) and evaluation (grpo/evaluation.py), so both render the
+same prompts from the same samples. Rows are group-major: the G completions of prompt j are
+rows j*G .. j*G + G - 1.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-from PIL import Image
+import torch
 
-
-@dataclass(frozen=True)
-class PromptInput:
-    """One prompt as a sampler sees it: the rendered chat text and its images, already sized."""
-
-    text: str
-    images: list[Image.Image]
+from data.sample import DataError, Sample
+from data.tasks import Task
+from grpo.types import Policy, PromptInput, RolloutBatch
 
 
-@dataclass(frozen=True)
-class SamplingSettings:
-    """How completions are drawn. top_k 0 and top_p 1.0 mean plain sampling at temperature."""
+def task_prompts(
+    policy: Policy, task: Task, samples: list[Sample], evaluation: bool = False
+) -> list[PromptInput]:
+    """The task's chat prompt for each sample, rendered with its images opened and sized."""
+    return [
+        policy.prompt_input(
+            task.messages(s, evaluation=evaluation), [image.open() for image in s.images]
+        )
+        for s in samples
+    ]
 
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    greedy: bool = False
+
+def check_prompt_lengths(samples: list[Sample], lengths: list[int], limit: int | None) -> None:
+    """Prompts are never cut (a cut would drop image tokens): a long one is an error."""
+    for sample, length in zip(samples, lengths, strict=True):
+        if limit is not None and length > limit:
+            images = f" with {len(sample.images)} image(s)" if sample.images else ""
+            raise DataError(
+                f"{sample.where}: prompt{images} is {length} tokens, over max_prompt_length="
+                f"{limit}; prompts are never truncated (image tokens would be lost): raise "
+                "--max-prompt-length or lower --max-pixels"
+            )
 
 
-@dataclass
-class Rollout:
-    """N = P * G sampled completions, group-major.
+def rows_with_signal(config: Any, rewards: torch.Tensor, truncated: torch.Tensor) -> list[int]:
+    """Rows that enter the loss: a reward exists, and (if asked) not truncated, and (if asked)
+    the group's rewards are not all equal (such a group has zero advantage everywhere).
 
-    completion_ids:   token ids per row, ending with the EOS token when one was produced.
-    sampler_logprobs: per-token log-probs of the sampled tokens under the distribution actually
-                      sampled from (temperature applied), when the backend reports them.
+    config: anything with mask_truncated_completions, skip_zero_std_groups, num_generations.
+    rewards [N] (NaN = no reward), truncated [N] bool.
     """
-
-    completion_ids: list[list[int]]
-    sampler_logprobs: list[list[float]] | None = None
-
-
-class Sampler(Protocol):
-    """What the trainer needs from a generation backend."""
-
-    def generate(self, prompts: list[PromptInput], n: int, settings: SamplingSettings) -> Rollout:
-        """Sample `n` completions for each prompt; rows group-major."""
-        ...
-
-    def sync_weights(self, policy: Any) -> None:
-        """Make the sampler's weights equal the policy's current ones (no-op if shared)."""
-        ...
+    keep = ~torch.isnan(rewards)  # [N]
+    if config.mask_truncated_completions:
+        keep &= ~truncated.cpu()
+    if config.skip_zero_std_groups:
+        groups = torch.nan_to_num(rewards.view(-1, config.num_generations), nan=0.0)  # [P, G]
+        spread = groups.amax(1) != groups.amin(1)  # [P]
+        keep &= spread.repeat_interleave(config.num_generations)
+    return keep.nonzero().flatten().tolist()
 
 
-class TransformersSampler:
-    """Samples with the policy's own `generate`: shares its weights, so sync is a no-op."""
+def rollout_metrics(
+    per_function: torch.Tensor,
+    rewards: torch.Tensor,
+    advantages: torch.Tensor,
+    batch: RolloutBatch,
+    specs: list[tuple[str, float]],
+    group_size: int,
+) -> dict[str, float]:
+    """Rewards, advantages and lengths of one generation batch, before rows are dropped.
 
-    def __init__(self, policy: Any) -> None:
-        self.policy = policy
-
-    def generate(self, prompts: list[PromptInput], n: int, settings: SamplingSettings) -> Rollout:
-        return Rollout(self.policy.generate(prompts, n, settings))
-
-    def sync_weights(self, policy: Any) -> None:
-        return None
+    per_function [N, K], rewards [N], advantages [N] (NaN = no reward).
+    """
+    lengths = batch.completion_mask.sum(1)  # [N]
+    groups = rewards.view(-1, group_size)  # [P, G]
+    known = rewards[~rewards.isnan()]  # [n_known]
+    metrics = {
+        "reward_mean": float(rewards.nanmean()),
+        "reward_std": float(known.std()) if known.numel() > 1 else 0.0,
+        "reward_missing_frac": float(rewards.isnan().float().mean()),
+        "zero_std_group_frac": float((groups.amax(1) == groups.amin(1)).float().mean()),
+        "advantage_abs_mean": float(advantages.nan_to_num().abs().mean()),
+        "advantage_max": float(advantages.nan_to_num().max()),
+        "advantage_min": float(advantages.nan_to_num().min()),
+        "completion_length_mean": float(lengths.float().mean()),
+        "completion_length_max": float(lengths.max()),
+        "truncated_frac": float(batch.truncated.float().mean()),
+    }
+    for k, (name, _) in enumerate(specs):
+        column = per_function[:, k]  # [N]
+        scored = column[~column.isnan()]  # [n_k]
+        metrics[f"reward/{name}_mean"] = float(scored.mean()) if scored.numel() else float("nan")
+        metrics[f"reward/{name}_std"] = float(scored.std()) if scored.numel() > 1 else 0.0
+    return metrics

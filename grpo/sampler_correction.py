@@ -59,3 +59,17 @@ def mismatch_stats(
         if diff.numel() == 0:
             return {"logp_diff_mean": 0.0, "logp_diff_max": 0.0}
         return {"logp_diff_mean": diff.mean().item(), "logp_diff_max": diff.max().item()}
+
+
+def importance_weights(
+    trainer_logp: torch.Tensor,
+    sampler_logp: torch.Tensor,
+    mask: torch.Tensor,
+    cap: float | None,
+) -> tuple[torch.Tensor | None, dict[str, float]]:
+    """The correction the loss applies (None when `cap` is None: no correction) and the
+    mismatch statistics, for one batch. All tensors [N, T]."""
+    stats = mismatch_stats(trainer_logp, sampler_logp, mask)
+    if cap is None:
+        return None, stats
+    return truncated_is_weights(trainer_logp, sampler_logp, mask, cap), stats

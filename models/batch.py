@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from grpo.rollout import PromptInput
+from grpo.types import PromptInput
 
 
 @dataclass
@@ -62,6 +62,9 @@ class RolloutBatch:
     @property
     def num_rows(self) -> int:
         return self.input_ids.shape[0]
+
+    def select(self, rows: list[int]) -> RolloutBatch:
+        return select_rows(self, rows)
 
 
 def encode_prompts(processor: Any, prompts: list[PromptInput], device: torch.device) -> PromptBatch:

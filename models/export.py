@@ -28,20 +28,17 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import models.cpu_compat  # noqa: F401  (must precede transformers' image code)
+from grpo.types import ADAPTER_CONFIG, EXPORT_INFO, PolicySettings
 from models.loading import ModelLoadError, resolve_model_path
 from models.merge import PEFT_PREFIX, lora_linears, merged_weight
-from models.policy import Policy, PolicySettings
+from models.policy import Policy
 
-EXPORT_INFO = "export_info.json"
-ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MAX_LISTED = 3  # mismatching modules quoted in an error
 
@@ -182,22 +179,34 @@ def attach_adapter(policy: Policy, adapter_dir: Path) -> None:
     policy.model.eval()
 
 
+def load_adapter_weights(model: Any, adapter_dir: Path) -> None:
+    """Copy a saved adapter's weights into the same-shaped adapter of `model` (resume)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    where = adapter_dir.parent
+    adapter = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
+    try:
+        result = set_peft_model_state_dict(model, adapter)
+    except RuntimeError as e:  # shape mismatch: the checkpoint was trained on another model
+        raise RuntimeError(
+            f"{where}: the adapter does not fit this model (was it trained "
+            f"from another base model?): {str(e)[:500]}"
+        ) from e
+    if getattr(result, "unexpected_keys", None):
+        raise RuntimeError(
+            f"{where}: adapter has keys this model lacks: {result.unexpected_keys[:5]}"
+        )
+
+
 def load_policy(
     model: str, adapter_dir: Path | None, settings: PolicySettings, device: torch.device
 ) -> Policy:
-    """The model `model` (settings.lora ignored), with the saved adapter on it when given."""
-    policy = Policy(dataclasses.replace(settings, model=model, lora=None), device)
-    policy.model.eval()
+    """The model `model` (settings.lora_r ignored), with the saved adapter on it when given."""
+    policy = Policy(dataclasses.replace(settings, model=model, lora_r=0), device)
     if adapter_dir is not None:
         attach_adapter(policy, adapter_dir)
     return policy
-
-
-@contextmanager
-def adapter_disabled(policy: Policy) -> Iterator[None]:
-    """Inside the block the policy computes (and its merged weights are) the base model's."""
-    with policy.model.disable_adapter():
-        yield
 
 
 def stored_dtype(model: str) -> str | None:

@@ -1,17 +1,14 @@
-"""Sampling with the policy's own weights: a lean decoding loop, and transformers' `generate`.
+"""Sampling with the policy's own weights: a lean decoding loop.
 
-Both draw N = P * n completions (group-major) from the same distribution per step,
+It draws N = P * n completions (group-major) from
 
     p(v) = softmax(z / temperature)[v],   z = lm_head(h_last),   z[s] = -inf for vision ids s,
 
-then top-k / top-p when asked for. They differ in what they compute to get there.
-
-`generate` (transformers; the straightforward sampler, `lean=False`) repeats every prompt n
-times before the prefill, so each image goes through the vision tower n times; and per step it
-runs a logits-processor chain over the whole [N, V] vocabulary (suppression by an isin/where
-pass, a float32 copy) and `torch.multinomial`, which draws V exponential variates per row.
-
-`sample_completions` (the lean loop) computes only what the draw needs:
+then top-k / top-p when asked for, the distribution transformers' `generate` samples from (the
+straightforward sampler, in tests/naive.py). `generate` repeats every prompt n times before the
+prefill, so each image goes through the vision tower n times; and per step it runs a
+logits-processor chain over the whole [N, V] vocabulary and `torch.multinomial`, which draws V
+exponential variates per row. `sample_completions` computes only what the draw needs:
 - the prefill runs once per prompt (P rows, each image encoded once); its KV cache is then
   repeated n times (`Cache.batch_repeat_interleave`) and only the last position's logits exist;
 - suppression writes -inf into the S vision columns in place;
@@ -30,8 +27,8 @@ from typing import Any
 
 import torch
 
-from grpo.rollout import PromptInput, SamplingSettings
-from models.batch import PromptBatch, encode_prompts, repeat_images
+from grpo.types import SamplingSettings
+from models.batch import PromptBatch
 from models.logprobs import image_inputs, unwrap
 
 VISION_SPECIAL_TOKENS = (
@@ -237,69 +234,3 @@ def sample_completions(
         [row[:end] for row, end in zip(tokens.tolist(), ends, strict=True)],
         [row[:end] for row, end in zip(logps.tolist(), ends, strict=True)],
     )
-
-
-# --------------------------------------------------------------------------------------------
-# transformers' generate (the straightforward sampler)
-# --------------------------------------------------------------------------------------------
-
-
-def generate_kwargs(
-    processor: Any,
-    prompts: list[PromptInput],
-    n: int,
-    settings: SamplingSettings,
-    device: torch.device,
-) -> dict[str, Any]:
-    """Keyword arguments for `model.generate` drawing n completions per prompt (group-major).
-
-    input_ids [N, Lp] is the left-padded prompt batch with each prompt repeated n times; the
-    vision special tokens are suppressed, and sampling is plain sampling at the temperature.
-    """
-    tokenizer = processor.tokenizer
-    batch = encode_prompts(processor, prompts, device)
-    rows = [j for j in range(batch.num_prompts) for _ in range(n)]
-    index = torch.tensor(rows, device=device)  # [N]
-    pixels, grids = repeat_images(batch, rows)
-    extra = {} if pixels is None else {"pixel_values": pixels, "image_grid_thw": grids}
-    sampling = (
-        {"do_sample": False}
-        if settings.greedy
-        # top_k=0: transformers would otherwise truncate to its default top-50
-        else {
-            "do_sample": True,
-            "temperature": settings.temperature,
-            "top_p": settings.top_p,
-            "top_k": settings.top_k,
-        }
-    )
-    return {
-        "input_ids": batch.input_ids[index],  # [N, Lp]
-        "attention_mask": batch.attention_mask[index],
-        "mm_token_type_ids": batch.mm_token_type_ids[index],
-        "max_new_tokens": settings.max_new_tokens,
-        "eos_token_id": sorted(stop_token_ids(tokenizer)),
-        "pad_token_id": tokenizer.pad_token_id,
-        "suppress_tokens": sorted(vision_token_ids(tokenizer)),
-        "use_cache": True,
-        **sampling,
-        **extra,
-    }
-
-
-@torch.no_grad()
-def hf_generate(
-    model: Any,
-    processor: Any,
-    prompts: list[PromptInput],
-    n: int,
-    settings: SamplingSettings,
-    device: torch.device,
-) -> list[list[int]]:
-    """N = P * n completions (group-major) as token-id lists ending at the first stop token."""
-    tokenizer = processor.tokenizer
-    kwargs = generate_kwargs(processor, prompts, n, settings, device)
-    out = model.generate(**kwargs)  # [N, Lp + new]
-    new_tokens = out[:, kwargs["input_ids"].shape[1] :].tolist()
-    stop = stop_token_ids(tokenizer)
-    return [cut_at_stop(tokens, stop, tokenizer.pad_token_id) for tokens in new_tokens]

@@ -24,29 +24,22 @@ The lean path (`completion_logprobs`):
 - image features can be computed once per prompt and shared by the G rows that continue it
   (`encode_images`), which is exact while the vision tower is not being trained.
 
-`naive_completion_logprobs` is the straightforward computation the lean one must equal: the
-full model forward with logits for every position, a float32 log_softmax over the whole
-vocabulary, images encoded once per row. Tests and `bench/step.py --naive` use it.
+The straightforward computation the lean one must equal (the full model forward with logits
+for every position, a float32 log_softmax over the whole vocabulary, images encoded once per
+row) lives in tests/naive.py, for the tests and `bench/step.py --naive`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from grpo.types import TokenLogProbs
 from models.batch import PromptBatch, RolloutBatch
 
 DEFAULT_CHUNK_TOKENS = 1024
-
-
-@dataclass
-class TokenLogProbs:
-    logp: torch.Tensor  # [N, T] float32; 0 outside the completion mask
-    entropy: torch.Tensor | None  # [N, T] float32, detached; None unless asked for
 
 
 def unwrap(model: Any) -> Any:
@@ -294,47 +287,3 @@ def reference_logprobs(
         return completion_logprobs(
             model, batch, temperature, False, image_features, chunk_tokens, suppressed
         ).logp
-
-
-def naive_completion_logprobs(
-    model: Any,
-    batch: RolloutBatch,
-    temperature: float = 1.0,
-    with_entropy: bool = False,
-    suppressed: torch.Tensor | None = None,
-) -> TokenLogProbs:
-    """The straightforward computation, for tests and `bench --naive`: the model's logits for
-    every position, a float32 log_softmax over the whole vocabulary, the images encoded once
-    per row, then the completion positions picked out. [N, T] (entropy detached)."""
-    out = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        mm_token_type_ids=batch.mm_token_type_ids,
-        pixel_values=batch.pixel_values,
-        image_grid_thw=batch.image_grid_thw,
-        use_cache=False,
-    )
-    logits = out.logits.float() / temperature  # [N, Lp + T, V]
-    if suppressed is not None:
-        logits = logits.index_fill(-1, suppressed, float("-inf"))
-    logp_all = F.log_softmax(logits, dim=-1)  # [N, Lp + T, V]
-    lp, t = batch.prompt_length, batch.completion_ids.shape[1]
-    logp_completion = logp_all[:, lp - 1 : lp - 1 + t]  # [N, T, V]
-    logp = logp_completion.gather(-1, batch.completion_ids[..., None]).squeeze(-1)  # [N, T]
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            finite = logp_completion.clamp(min=torch.finfo(logp_completion.dtype).min)
-            entropy = -(finite.exp() * finite).sum(-1) * batch.completion_mask  # [N, T]
-    return TokenLogProbs(logp * batch.completion_mask, entropy)
-
-
-def naive_reference_logprobs(
-    model: Any,
-    batch: RolloutBatch,
-    temperature: float = 1.0,
-    suppressed: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """`naive_completion_logprobs` with the adapter disabled: [N, T]."""
-    with torch.no_grad(), model.disable_adapter():
-        return naive_completion_logprobs(model, batch, temperature, False, suppressed).logp

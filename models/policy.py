@@ -1,48 +1,36 @@
 """The policy as the trainer sees it: a LoRA-wrapped Qwen2.5-VL plus its processor.
 
-This is the one object through which grpo/ touches the model, so grpo/ never names Qwen.
-
-`PolicySettings.lean` chooses how the numbers are computed, never which numbers: lean (the
-default) samples with models.generation.sample_completions, scores completion positions only
-in chunks (models.logprobs.completion_logprobs) and encodes each prompt's images once per step;
-`lean=False` runs the straightforward versions (transformers' generate, a full-sequence,
-full-vocabulary log_softmax, images encoded per row), for tests and `bench/step.py --naive`.
-Both score the distribution the sampler draws from: the vision special tokens suppressed.
+It implements grpo.types.Policy, so grpo/ never names Qwen. Every operation is the lean one:
+sampling prefills each prompt once (models.generation.sample_completions), log-probs are
+computed for completion positions only, in chunks (models.logprobs.completion_logprobs), and
+each prompt's images are encoded once per step. The straightforward versions, for tests and
+`bench/step.py --naive`, live in tests/naive.py. Both score the distribution the sampler draws
+from: the vision special tokens suppressed.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from grpo.rollout import PromptInput, SamplingSettings
+from grpo.types import PolicySettings, PromptInput, SamplingSettings, TokenLogProbs
 from models.batch import PromptBatch, RolloutBatch, build_rollout_batch, encode_prompts
-from models.generation import hf_generate, sample_completions, stop_token_ids, vision_token_ids
+from models.generation import Completions, sample_completions, stop_token_ids, vision_token_ids
 from models.loading import LoraSettings, add_lora, load_base_model, resolve_model_path
-from models.logprobs import (
-    TokenLogProbs,
-    completion_logprobs,
-    encode_images,
-    naive_completion_logprobs,
-    naive_reference_logprobs,
-    reference_logprobs,
-)
+from models.logprobs import completion_logprobs, encode_images, reference_logprobs
 from models.processor import fit_image, load_processor, pixel_bounds, render_prompt
 
 
-@dataclass(frozen=True)
-class PolicySettings:
-    model: str = "tiny"
-    lora: LoraSettings | None = field(default_factory=LoraSettings)  # None: no adapter
-    dtype: str | None = None  # "bfloat16" | "float32" | None (bf16 on CUDA, fp32 on CPU)
-    attn_implementation: str | None = None  # None/"auto" | "sdpa" | "flash_attention_2" | "eager"
-    gradient_checkpointing: bool = False
-    min_pixels: int | None = None  # None: the checkpoint's processor setting
-    max_pixels: int | None = None
-    chunk_tokens: int = 1024  # tokens per vocabulary-projection chunk in log-prob passes
-    lean: bool = True  # False: the straightforward sampler and log-probs (see module docstring)
+def lora_settings(settings: PolicySettings) -> LoraSettings | None:
+    """The adapter to add (None: lora_r 0, a frozen model for evaluation). No dropout: the
+    policy that is trained must be the one that was sampled (and that vLLM holds)."""
+    if settings.lora_r <= 0:
+        return None
+    return LoraSettings(settings.lora_r, settings.lora_alpha, 0.0, settings.lora_vision)
 
 
 class Policy:
@@ -54,12 +42,10 @@ class Policy:
         self.device = device
         self.path = resolve_model_path(settings.model)
         model = load_base_model(self.path, device, dtype, settings.attn_implementation)
+        lora = lora_settings(settings)
         model.requires_grad_(False)
-        self.model = (
-            add_lora(model, settings.lora, settings.gradient_checkpointing)
-            if settings.lora
-            else model
-        )
+        self.model = add_lora(model, lora, settings.gradient_checkpointing) if lora else model
+        self.model.eval()  # dropout off for good (see lora_settings)
         self.processor = load_processor(self.path, settings.min_pixels, settings.max_pixels)
         self.min_pixels, self.max_pixels = pixel_bounds(self.processor)
         tokenizer = self.processor.tokenizer
@@ -78,24 +64,24 @@ class Policy:
     def encode(self, prompts: list[PromptInput]) -> PromptBatch:
         return encode_prompts(self.processor, prompts, self.device)
 
+    def prompt_lengths(self, prompts: PromptBatch) -> list[int]:
+        return prompts.attention_mask.sum(1).tolist()
+
     def decode(self, completions: list[list[int]]) -> list[str]:
         return self.processor.tokenizer.batch_decode(completions, skip_special_tokens=True)
 
     # --- sampling and batches -------------------------------------------------------------
-    def generate(
-        self, prompts: list[PromptInput], n: int, settings: SamplingSettings
-    ) -> list[list[int]]:
-        was_training = self.model.training
-        self.model.eval()  # no LoRA dropout while sampling
-        try:
-            if not self.settings.lean:
-                return hf_generate(self.model, self.processor, prompts, n, settings, self.device)
-            completions = sample_completions(
-                self.model, self.encode(prompts), n, settings, self.stop_ids, self.suppressed
-            )
-            return completions.tokens
-        finally:
-            self.model.train(was_training)
+    def sample(
+        self,
+        prompts: PromptBatch,
+        n: int,
+        settings: SamplingSettings,
+        image_features: list[torch.Tensor] | None = None,
+    ) -> Completions:
+        """n completions per encoded prompt with their log-probs, from the policy's weights."""
+        return sample_completions(
+            self.model, prompts, n, settings, self.stop_ids, self.suppressed, image_features
+        )
 
     def rollout_batch(
         self, prompts: PromptBatch, completions: list[list[int]], group_size: int
@@ -110,9 +96,9 @@ class Policy:
         return any(p.requires_grad for n, p in self.model.named_parameters() if ".visual." in n)
 
     def image_features(self, prompts: PromptBatch) -> list[torch.Tensor] | None:
-        """Per-image features computed once, or None when the vision tower is trained (then
-        every forward must run it with gradients) or the policy is not lean."""
-        if not self.settings.lean or self.vision_trainable or prompts.pixel_values is None:
+        """Per-image features computed once, or None when there are no images or the vision
+        tower is trained (then every forward must run it with gradients)."""
+        if self.vision_trainable or prompts.pixel_values is None:
             return None
         with torch.no_grad():
             return encode_images(self.model, prompts)
@@ -125,10 +111,6 @@ class Policy:
         image_features: list[torch.Tensor] | None = None,
     ) -> TokenLogProbs:
         """Log-probs [N, T] (and entropy) of the completions under the policy, with grad."""
-        if not self.settings.lean:
-            return naive_completion_logprobs(
-                self.model, batch, temperature, with_entropy, self.suppressed
-            )
         return completion_logprobs(
             self.model,
             batch,
@@ -146,8 +128,6 @@ class Policy:
         image_features: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Log-probs [N, T] under the frozen reference (adapter disabled), no grad."""
-        if not self.settings.lean:
-            return naive_reference_logprobs(self.model, batch, temperature, self.suppressed)
         return reference_logprobs(
             self.model,
             batch,
@@ -157,5 +137,23 @@ class Policy:
             self.suppressed,
         )
 
+    # --- training state -------------------------------------------------------------------
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
+
+    @contextmanager
+    def adapter_disabled(self) -> Iterator[None]:
+        """Inside the block the policy computes (and its merged weights are) the base model's."""
+        with self.model.disable_adapter():
+            yield
+
+    def save_trainable(self, directory: Path) -> None:
+        self.model.save_pretrained(directory)
+
+    def load_trainable(self, directory: Path) -> None:
+        from models.export import load_adapter_weights
+
+        load_adapter_weights(self.model, directory)
+
+    def describe(self) -> dict[str, Any]:
+        return {"base_model": self.settings.model, "base_model_path": self.path}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from models.cache import build_once, cache_root
+from data.cache import build_once, cache_root
 from models.tokenizer import SPECIAL_TOKENS, VOCAB_SIZE, build_qwen25_tokenizer
 
 TINY_VERSION = 1  # bump when the build changes, so stale caches are not reused

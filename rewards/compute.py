@@ -120,3 +120,13 @@ def _batch(where: list[str]) -> str:
     if not where:
         return "(empty)"
     return where[0] if len(where) == 1 else f"{where[0]} .. {where[-1]} ({len(where)} samples)"
+
+
+def sample_columns(samples: Sequence[Any], group_size: int) -> tuple[dict[str, list], list[str]]:
+    """The reward columns of `samples` (objects with .solution, .columns and .where), each
+    repeated for its `group_size` completions: (columns, where), both N = len * group_size."""
+    rows = [s for s in samples for _ in range(group_size)]
+    names = sorted({key for s in samples for key in s.columns} - {"solution"})
+    columns = {"solution": [s.solution for s in rows]}
+    columns.update({key: [s.columns.get(key) for s in rows] for key in names})
+    return columns, [s.where for s in rows]

@@ -11,6 +11,7 @@ import torch
 import models  # noqa: F401
 from grpo import distributed
 from grpo.trainer import build_trainer, train_step
+from models import BACKEND
 from tests.training_helpers import small_config
 
 
@@ -23,7 +24,7 @@ def lora_state(trainer) -> dict[str, torch.Tensor]:
 def main(data: str, out: str) -> None:
     info = distributed.init_distributed()
     config = small_config(Path(data), Path(out) / "run")
-    trainer = build_trainer(config, info)
+    trainer = build_trainer(config, info, BACKEND)
     Path(out).mkdir(parents=True, exist_ok=True)
     torch.save(lora_state(trainer), Path(out) / f"lora-initial-rank{info.rank}.pt")
     records = []

@@ -13,26 +13,33 @@ import torch
 import evaluate
 from data import get_task, load_samples
 from data.sample import DataError, Sample
+from grpo.checkpoint import CheckpointError, resolve_source
 from grpo.evaluation import (
+    EvalReport,
     EvalSettings,
     EvaluationError,
     deltas,
     format_table,
     policy_settings,
-    prompt_inputs,
-    resolve_source,
-    score_predictions,
 )
-from grpo.evaluation import evaluate as run_evaluation
-from grpo.rollout import SamplingSettings
+from grpo.evaluation import evaluate as evaluate_with
+from grpo.rollout import task_prompts
 from grpo.trainer import train
-from models.export import EXPORT_INFO, BaseModelMismatch, load_policy
-from models.loading import LoraSettings
-from models.policy import Policy, PolicySettings
+from grpo.types import EXPORT_INFO, PolicySettings, SamplingSettings
+from models import BACKEND
+from models.export import BaseModelMismatch, check_same_base, load_policy
+from models.policy import Policy
+from models.samplers import TransformersSampler
 from models.tiny import TinySpec, tiny_model_path
 from rewards.ocr_metrics import character_error_rate, edit_distance, ocr_metrics, text_accuracy
+from rewards.scoring import score_predictions
 from tests.training_helpers import small_config, write_ocr_jsonl
 from tests.vllm_helpers import VLLM_TINY
+
+
+def run_evaluation(settings: EvalSettings) -> EvalReport:
+    return evaluate_with(settings, BACKEND)
+
 
 # A base the default tiny model's adapters do not fit: hidden 32 (head_dim 16, rope 2+3+3).
 OTHER_SPEC = TinySpec(hidden_size=32, num_heads=2, num_kv_heads=1, intermediate_size=64)
@@ -115,7 +122,7 @@ def test_ocr_scoring_on_raw_and_answer_views() -> None:
     tagged = "<think>x</think><answer>文字</answer>"  # 35 characters, contains the label
     texts = ["文字", tagged, "  文本 \n", ""]
     rows, summary = score_predictions(
-        get_task("ocr"), _samples(["文字"] * 4), texts, [("ocr", 1.0), ("format", 0.5)]
+        "ocr", _samples(["文字"] * 4), texts, [("ocr", 1.0), ("format", 0.5)]
     )
     assert len(tagged) == 35
     assert summary["text_accuracy/raw"] == pytest.approx((1 + 2 / 35 + 1 / 2 + 0) / 4)
@@ -132,9 +139,7 @@ def test_ocr_scoring_on_raw_and_answer_views() -> None:
 
 def test_count_accuracy_raw_needs_tags_answer_view_does_not() -> None:
     texts = ["<think>a</think><answer>3</answer>", "3", "<answer>4</answer>", "There are 3"]
-    rows, summary = score_predictions(
-        get_task("count"), _samples(["3"] * 4), texts, [("count", 1.0)]
-    )
+    rows, summary = score_predictions("count", _samples(["3"] * 4), texts, [("count", 1.0)])
     assert [r["accuracy/raw"] for r in rows] == [1.0, 0.0, 0.0, 0.0]
     assert [r["accuracy/answer"] for r in rows] == [1.0, 1.0, 0.0, 1.0]
     assert summary["accuracy/raw"] == 0.25 and summary["accuracy/answer"] == 0.75
@@ -203,14 +208,14 @@ def test_resolve_merged_directory_names_its_base(tmp_path: Path) -> None:
 
 
 def test_resolve_rejects_bad_checkpoints(tmp_path: Path) -> None:
-    with pytest.raises(EvaluationError, match="no such file"):
+    with pytest.raises(CheckpointError, match="no such file"):
         resolve_source(str(tmp_path / "missing"), None)
-    with pytest.raises(EvaluationError, match="not a checkpoint"):
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
         resolve_source(str(tmp_path), None)
-    with pytest.raises(EvaluationError, match=r"--ckpt .* or --model"):
+    with pytest.raises(CheckpointError, match=r"--ckpt .* or --model"):
         resolve_source(None, None)
     moved = _fake_checkpoint(tmp_path / "a", "/nowhere/base", name="/nowhere/base")
-    with pytest.raises(EvaluationError, match=r"/nowhere/base .*pass --model"):
+    with pytest.raises(CheckpointError, match=r"/nowhere/base .*pass --model"):
         resolve_source(str(moved), None)
     # the resolved path is gone but the run named a hub model: that name is used
     hub = _fake_checkpoint(tmp_path / "b", "/nowhere/base", name="Qwen/Qwen2.5-VL-3B-Instruct")
@@ -221,7 +226,7 @@ def test_model_of_another_architecture_is_refused(tmp_path: Path, tiny_model_dir
     other = str(tiny_model_path(spec=OTHER_SPEC))
     ckpt = _fake_checkpoint(tmp_path / "ckpt", str(tiny_model_dir))
     with pytest.raises(BaseModelMismatch) as error:
-        resolve_source(str(ckpt), other)
+        resolve_source(str(ckpt), other, check_same_base)
     assert str(tiny_model_dir) in str(error.value) and other in str(error.value)
     assert "hidden_size: 64 vs 32" in str(error.value)
     assert resolve_source(str(ckpt), str(tiny_model_dir)).model == str(tiny_model_dir)
@@ -252,7 +257,7 @@ def checkpoint(data_file: Path, base_dir: Path, tmp_path_factory: pytest.TempPat
     """Two GRPO steps; the high learning rate makes the adapter clearly non-zero."""
     run = tmp_path_factory.mktemp("run")
     config = small_config(data_file, run, model=str(base_dir), save_steps=2, learning_rate=0.05)
-    train(config)
+    train(config, BACKEND)
     return run / "checkpoint-2"
 
 
@@ -300,10 +305,10 @@ def test_checkpoint_predictions_equal_the_trainers_policy_with_the_adapter(
     from safetensors.torch import load_file
 
     config = json.loads((checkpoint / "run.json").read_text())["config"]
-    lora = LoraSettings(config["lora_r"], config["lora_alpha"], 0.0)
     settings = PolicySettings(
         model=str(base_dir),
-        lora=lora,
+        lora_r=config["lora_r"],
+        lora_alpha=config["lora_alpha"],
         min_pixels=config["min_pixels"],
         max_pixels=config["max_pixels"],
     )
@@ -315,7 +320,8 @@ def test_checkpoint_predictions_equal_the_trainers_policy_with_the_adapter(
     greedy = SamplingSettings(max_new_tokens=8, greedy=True)
     ids: list[list[int]] = []
     for chunk in (samples[:3], samples[3:]):  # the evaluation's batches (--batch-size 3)
-        ids += policy.generate(prompt_inputs(policy, get_task("ocr"), chunk, False), 1, greedy)
+        prompts = task_prompts(policy, get_task("ocr"), chunk, evaluation=True)
+        ids += TransformersSampler(policy).generate(prompts, 1, greedy).completion_ids
     assert policy.decode(ids) == [r["prediction"] for r in compared["predictions"]]
 
 
@@ -348,7 +354,7 @@ def test_plain_model_evaluation_equals_the_compared_base(
 def test_adapter_on_a_different_base_names_both(checkpoint: Path) -> None:
     other = str(tiny_model_path(spec=OTHER_SPEC))
     with pytest.raises(BaseModelMismatch) as error:
-        load_policy(other, checkpoint / "adapter", PolicySettings(lora=None), CPU)
+        load_policy(other, checkpoint / "adapter", PolicySettings(lora_r=0), CPU)
     message = str(error.value)
     assert str(checkpoint / "adapter") in message and other in message
     assert "in_features 64, model 32" in message

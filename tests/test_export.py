@@ -16,16 +16,23 @@ import torch
 from safetensors import safe_open
 
 import evaluate
-from grpo.checkpoint import save_checkpoint
-from grpo.evaluation import EvalSettings, EvaluationError, export_checkpoint
-from grpo.evaluation import evaluate as run_evaluation
-from grpo.rollout import PromptInput, SamplingSettings
-from models.export import EXPORT_INFO, load_policy
-from models.loading import LoraSettings
-from models.policy import Policy, PolicySettings
+from evaluate import export_checkpoint
+from grpo.checkpoint import CheckpointError, save_checkpoint
+from grpo.evaluation import EvalReport, EvalSettings
+from grpo.evaluation import evaluate as evaluate_with
+from grpo.types import EXPORT_INFO, PolicySettings, PromptInput, SamplingSettings
+from models import BACKEND
+from models.export import load_policy
+from models.policy import Policy
+from models.samplers import TransformersSampler
 from models.tiny import tiny_model_path
 from tests.training_helpers import write_ocr_jsonl
 from tests.vllm_helpers import VLLM_TINY, image_prompts
+
+
+def run_evaluation(settings: EvalSettings) -> EvalReport:
+    return evaluate_with(settings, BACKEND)
+
 
 GREEDY = SamplingSettings(max_new_tokens=8, greedy=True)
 CPU = torch.device("cpu")
@@ -45,8 +52,7 @@ def base_dir() -> Path:
 def checkpoint(base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A trainer checkpoint (adapter/ + run.json) with clearly non-zero LoRA factors."""
     torch.manual_seed(0)
-    lora = LoraSettings(r=4, alpha=8, dropout=0.0)
-    policy = Policy(PolicySettings(model=str(base_dir), lora=lora), CPU)
+    policy = Policy(PolicySettings(model=str(base_dir), lora_r=4, lora_alpha=8), CPU)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, param in policy.model.named_parameters():
@@ -54,7 +60,7 @@ def checkpoint(base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
     run = {"base_model": str(base_dir), "base_model_path": policy.path, "task": "ocr"}
     run_dir = tmp_path_factory.mktemp("run")
-    return save_checkpoint(run_dir, 3, policy.model, {"step": 3}, {**run, "step": 3}, None)
+    return save_checkpoint(run_dir, 3, policy, {"step": 3}, {**run, "step": 3}, None)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +74,7 @@ def exported(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 def adapted(checkpoint: Path) -> Policy:
     """Base + adapter, as evaluation loads a checkpoint."""
     return load_policy(
-        str(tiny_model_path(spec=VLLM_TINY)), checkpoint / "adapter", PolicySettings(lora=None), CPU
+        str(tiny_model_path(spec=VLLM_TINY)), checkpoint / "adapter", PolicySettings(lora_r=0), CPU
     )
 
 
@@ -140,9 +146,9 @@ def test_transformers_loads_export_and_matches_base_plus_adapter(
     torch.testing.assert_close(merged_logits[mask], adapter_logits[mask], rtol=0, atol=1e-5)
     assert (base_logits[mask] - adapter_logits[mask]).abs().max() > 1e-3  # the test can fail
 
-    merged = Policy(PolicySettings(model=str(exported), lora=None), CPU)
-    ids = merged.generate(prompts, 1, GREEDY)
-    assert ids == adapted.generate(prompts, 1, GREEDY)
+    merged = Policy(PolicySettings(model=str(exported), lora_r=0), CPU)
+    ids = TransformersSampler(merged).generate(prompts, 1, GREEDY).completion_ids
+    assert ids == TransformersSampler(adapted).generate(prompts, 1, GREEDY).completion_ids
     assert all(len(row) > 0 for row in ids)
 
 
@@ -164,7 +170,7 @@ def test_export_refuses_to_overwrite(checkpoint: Path, tmp_path: Path) -> None:
 
 
 def test_export_needs_an_adapter(exported: Path, tmp_path: Path) -> None:
-    with pytest.raises(EvaluationError, match="no adapter to merge"):
+    with pytest.raises(CheckpointError, match="no adapter to merge"):
         export_checkpoint(str(exported), str(tmp_path / "again"))
 
 

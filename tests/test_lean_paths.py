@@ -1,6 +1,6 @@
 """The lean paths compute the same numbers as the straightforward ones.
 
-Lean (PolicySettings.lean=True) against naive (lean=False) on the tiny model with the real
+Lean (models.policy.Policy) against naive (tests/naive.py) on the tiny model with the real
 vocabulary: policy and reference log-probs, entropy, the GRPO loss and its gradient w.r.t. the
 LoRA weights, for prompts with images of different sizes (and one without) and G > 1; the
 suppressed vision ids in the chunked path against a loop; image features reused across inner
@@ -15,7 +15,6 @@ norm is scaled up (as in test_models_logprobs.py) so next-token distributions ar
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,13 +25,14 @@ import torch
 from PIL import Image
 from torch.testing import assert_close
 
-from grpo.loss import grpo_loss
-from grpo.rollout import PromptInput, SamplingSettings
+from grpo.loss import LossSettings, grpo_loss
+from grpo.types import PolicySettings, PromptInput, SamplingSettings
 from models.batch import RolloutBatch, build_rollout_batch
 from models.generation import draw_tokens, processed_scores, sample_completions
-from models.loading import LoraSettings
 from models.logprobs import token_logprobs, unwrap
-from models.policy import Policy, PolicySettings
+from models.policy import Policy
+from models.samplers import TransformersSampler
+from tests.naive import NaiveSampler, naive_view
 
 CPU = torch.device("cpu")
 GROUP = 2
@@ -59,12 +59,7 @@ def policy(tiny_model_dir: Path) -> Policy:
 @contextmanager
 def naive(policy: Policy) -> Iterator[Policy]:
     """The same policy (same weights) with the lean paths off."""
-    lean = policy.settings
-    policy.settings = dataclasses.replace(lean, lean=False)
-    try:
-        yield policy
-    finally:
-        policy.settings = lean
+    yield naive_view(policy)
 
 
 def chat(policy: Policy, text: str, images: list[Image.Image]) -> PromptInput:
@@ -114,10 +109,10 @@ def test_policy_and_reference_logprobs_lean_equal_naive(
     with torch.no_grad():
         lean = policy.logprobs(batch, 0.8, with_entropy=True, image_features=features)
         lean_ref = policy.reference_logprobs(batch, 0.8, image_features=features)
-        with naive(policy):
-            assert policy.image_features(batch.prompts) is None
-            plain = policy.logprobs(batch, 0.8, with_entropy=True)
-            plain_ref = policy.reference_logprobs(batch, 0.8)
+        with naive(policy) as plain_policy:
+            assert plain_policy.image_features(batch.prompts) is None
+            plain = plain_policy.logprobs(batch, 0.8, with_entropy=True)
+            plain_ref = plain_policy.reference_logprobs(batch, 0.8)
     mask = batch.completion_mask.bool()
     # float32 log_softmax over 151,936 entries is good to ~1e-5 when one token dominates
     assert_close(lean.logp, plain.logp, atol=2e-5, rtol=0)
@@ -175,21 +170,22 @@ def test_grpo_loss_and_lora_gradient_lean_equal_naive(
     advantages = torch.tensor([1.0, -0.5, -0.5, 0.3, 0.7, -1.0])  # [N]
     lora = policy.trainable_parameters()
 
-    def losses_and_grads(features: list[torch.Tensor] | None) -> list[tuple[torch.Tensor, ...]]:
-        ref = policy.reference_logprobs(batch, 0.9, image_features=features)
-        logp = policy.logprobs(batch, 0.9, image_features=features).logp
+    def losses_and_grads(
+        computing: Policy, features: list[torch.Tensor] | None
+    ) -> list[tuple[torch.Tensor, ...]]:
+        ref = computing.reference_logprobs(batch, 0.9, image_features=features)
+        logp = computing.logprobs(batch, 0.9, image_features=features).logp
         old = logp.detach() - 0.05 * batch.completion_mask  # ratios away from 1
         out = []
         for beta in (0.04, 0.0):
-            loss, _ = grpo_loss(
-                logp, old, ref, advantages, batch.completion_mask, beta=beta, loss_type="bnpo"
-            )
+            settings = LossSettings(beta=beta, loss_type="bnpo")
+            loss, _ = grpo_loss(logp, old, ref, advantages, batch.completion_mask, settings)
             out.append((loss.detach(), *torch.autograd.grad(loss, lora, retain_graph=True)))
         return out
 
-    lean = losses_and_grads(policy.image_features(batch.prompts))
-    with naive(policy):
-        plain = losses_and_grads(None)
+    lean = losses_and_grads(policy, policy.image_features(batch.prompts))
+    with naive(policy) as plain_policy:
+        plain = losses_and_grads(plain_policy, None)
     for lean_values, plain_values in zip(lean, plain, strict=True):
         assert_close(lean_values[0], plain_values[0], atol=1e-6, rtol=1e-5)  # the loss
         for lean_grad, naive_grad in zip(lean_values[1:], plain_values[1:], strict=True):
@@ -234,15 +230,15 @@ def test_trained_vision_tower_keeps_the_plain_path(
     tiny_model_dir: Path, images: list[Image.Image]
 ) -> None:
     torch.manual_seed(0)
-    settings = PolicySettings(model=str(tiny_model_dir), lora=LoraSettings(train_vision=True))
+    settings = PolicySettings(model=str(tiny_model_dir), lora_vision=True)
     policy = prepare(Policy(settings, CPU), seed=3)
     batch = fixed_batch(policy, images)
     assert policy.image_features(batch.prompts) is None  # features depend on trained weights
     lean = policy.logprobs(batch, 1.0).logp
     lean.sum().backward()
     lean_grads = lora_grads(policy)
-    with naive(policy):
-        plain = policy.logprobs(batch, 1.0).logp
+    with naive(policy) as plain_policy:
+        plain = plain_policy.logprobs(batch, 1.0).logp
         plain.sum().backward()
         plain_grads = lora_grads(policy)
     assert_close(lean, plain, atol=2e-5, rtol=0)
@@ -368,9 +364,8 @@ def test_greedy_lean_equals_transformers_generate(
         for p in lora_b:
             p.mul_(10.0)  # a strong adapter: greedy text then depends on the prompt
     try:
-        lean = policy.generate(prompts, 2, greedy)
-        with naive(policy):
-            plain = policy.generate(prompts, 2, greedy)
+        lean = TransformersSampler(policy).generate(prompts, 2, greedy).completion_ids
+        plain = NaiveSampler(policy).generate(prompts, 2, greedy).completion_ids
     finally:
         with torch.no_grad():
             for p, value in zip(lora_b, saved, strict=True):

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from grpo.trainer import train
+from models import BACKEND
 from tests.training_helpers import script_feature_model, small_config, write_colour_script_data
 
 STEPS = 30
@@ -35,9 +36,10 @@ def run(tmp_path: Path, model: Path, shuffle: bool, sampler: str = "hf") -> list
         beta=0.0,
         lr_scheduler="constant",
         min_pixels=56 * 56,
-        max_pixels=56 * 56, sampler=sampler,
+        max_pixels=56 * 56,
+        sampler=sampler,
     )
-    run_dir = train(config)
+    run_dir = train(config, BACKEND)
     return [json.loads(line)["reward_mean"] for line in (run_dir / "metrics.jsonl").open()]
 
 

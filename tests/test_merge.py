@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch import nn
 
+from grpo.types import PolicySettings
 from models.loading import load_base_model
 from models.merge import merged_lora_weights, merged_state_dict, merged_weight
-from models.policy import Policy, PolicySettings
+from models.policy import Policy
 from models.tiny import tiny_model_path
 
 LM_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

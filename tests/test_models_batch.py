@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from grpo.rollout import PromptInput
+from grpo.types import PromptInput
 from models.batch import (
     PromptBatch,
     build_rollout_batch,

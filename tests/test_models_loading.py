@@ -11,15 +11,15 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from grpo.types import PolicySettings
 from models.loading import (
-    LoraSettings,
     ModelLoadError,
     choose_attention,
     default_dtype,
     load_base_model,
     resolve_model_path,
 )
-from models.policy import Policy, PolicySettings
+from models.policy import Policy
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # a cuda device object needs no GPU
 
@@ -119,7 +119,7 @@ def test_lora_adapts_only_the_language_model(policy: Policy) -> None:
 
 
 def test_lora_on_the_vision_tower_disables_the_feature_cache(tiny_model_dir: Path) -> None:
-    settings = PolicySettings(model=str(tiny_model_dir), lora=LoraSettings(train_vision=True))
+    settings = PolicySettings(model=str(tiny_model_dir), lora_vision=True)
     policy = Policy(settings, CPU)
     vision = [n for n in _lora_module_names(policy.model) if ".visual." in n]
     assert len(vision) == 2 * 5  # 2 blocks x (qkv, proj, gate_proj, up_proj, down_proj)
@@ -130,7 +130,7 @@ def test_lora_on_the_vision_tower_disables_the_feature_cache(tiny_model_dir: Pat
 
 
 def test_no_adapter(tiny_model_dir: Path) -> None:
-    policy = Policy(PolicySettings(model=str(tiny_model_dir), lora=None), CPU)
+    policy = Policy(PolicySettings(model=str(tiny_model_dir), lora_r=0), CPU)
     assert not _lora_module_names(policy.model)
     assert policy.trainable_parameters() == []
 
@@ -143,7 +143,6 @@ def test_gradient_checkpointing_gives_the_same_gradients(
         torch.manual_seed(0)  # same LoRA A init
         settings = PolicySettings(
             model=str(tiny_model_dir),
-            lora=LoraSettings(dropout=0.0),
             gradient_checkpointing=checkpointing,
         )
         policy = Policy(settings, CPU)

@@ -22,18 +22,19 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.testing import assert_close
 
-from grpo.rollout import PromptInput, SamplingSettings
+from grpo.types import PolicySettings, PromptInput, SamplingSettings
 from models.batch import RolloutBatch
-from models.generation import cut_at_stop, generate_kwargs, hf_generate
+from models.generation import cut_at_stop
 from models.loading import load_base_model
 from models.logprobs import (
     TokenLogProbs,
     completion_logprobs,
-    naive_completion_logprobs,
     token_logprobs,
     unwrap,
 )
-from models.policy import Policy, PolicySettings
+from models.policy import Policy
+from models.samplers import TransformersSampler
+from tests.naive import generate_kwargs, hf_generate, naive_completion_logprobs
 
 CPU = torch.device("cpu")
 SHARPEN = 8.0
@@ -199,7 +200,11 @@ def test_cached_image_features_equal_plain_path(policy: Policy, images: list[Ima
 def test_text_only_prompts_end_to_end(policy: Policy) -> None:
     prompts = [chat(policy, "Say hi.", []), chat(policy, "一二三四五六七八九十 count on", [])]
     torch.manual_seed(2)
-    completions = policy.generate(prompts, GROUP, SamplingSettings(max_new_tokens=5))
+    completions = (
+        TransformersSampler(policy)
+        .generate(prompts, GROUP, SamplingSettings(max_new_tokens=5))
+        .completion_ids
+    )
     batch = policy.rollout_batch(policy.encode(prompts), completions, GROUP)
     assert batch.pixel_values is None and batch.image_grid_thw is None
     assert policy.image_features(batch.prompts) is None

@@ -15,6 +15,7 @@ from data.sample import DataError
 from grpo import distributed
 from grpo.config import load_config
 from grpo.trainer import build_trainer, train, train_step
+from models import BACKEND
 from rewards.compute import RewardError
 from tests.launch import ROOT, torchrun
 from tests.training_helpers import PLUGIN, small_config, write_ocr_jsonl
@@ -31,7 +32,7 @@ def adapter_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 def test_one_step_updates_lora_and_reports_metrics(data_file: Path, tmp_path: Path) -> None:
     config = small_config(data_file, tmp_path / "run")
-    trainer = build_trainer(config, distributed.init_distributed())
+    trainer = build_trainer(config, distributed.init_distributed(), BACKEND)
     before = [p.detach().clone() for p in trainer.policy.trainable_parameters()]
     frozen = {
         n: p.detach().clone()
@@ -69,7 +70,7 @@ def test_train_writes_checkpoint_metrics_and_plot(data_file: Path, tmp_path: Pat
     config = small_config(
         data_file, tmp_path / "run", save_steps=1, save_total_limit=1, log_completions_steps=1
     )
-    run_dir = train(config)
+    run_dir = train(config, BACKEND)
     checkpoints = sorted(p.name for p in run_dir.iterdir() if p.name.startswith("checkpoint-"))
     assert checkpoints == ["checkpoint-2"]  # save_total_limit=1 removed checkpoint-1
     assert (run_dir / "checkpoint-2" / "adapter" / "adapter_config.json").is_file()
@@ -81,7 +82,7 @@ def test_train_writes_checkpoint_metrics_and_plot(data_file: Path, tmp_path: Pat
     assert (run_dir / "reward_curve.png").stat().st_size > 1000
     assert (run_dir / "config.yaml").is_file()
     with pytest.raises(FileExistsError, match="--resume"):
-        train(config)  # a second run into the same directory must not mix with the first
+        train(config, BACKEND)  # a second run into the same directory must not mix with the first
 
 
 def test_resume_equals_uninterrupted(
@@ -95,7 +96,7 @@ def test_resume_equals_uninterrupted(
         num_iterations=2,
         warmup_steps=1,
     )
-    train(straight)
+    train(straight, BACKEND)
 
     # the same run killed during step 3, after checkpoint-2 was written, then resumed
     import grpo.trainer as trainer_module
@@ -111,10 +112,10 @@ def test_resume_equals_uninterrupted(
     killed = replace(straight, output_dir=str(tmp_path / "killed"))
     monkeypatch.setattr(trainer_module, "train_step", killed_at_third_step)
     with pytest.raises(KeyboardInterrupt):
-        train(killed)
+        train(killed, BACKEND)
     monkeypatch.setattr(trainer_module, "train_step", real_step)
     assert not (tmp_path / "killed" / "checkpoint-4").exists()
-    train(replace(killed, resume=True))
+    train(replace(killed, resume=True), BACKEND)
 
     a = adapter_weights(tmp_path / "straight" / "checkpoint-4")
     b = adapter_weights(tmp_path / "killed" / "checkpoint-4")
@@ -141,7 +142,7 @@ def test_torchrun_two_ranks_keep_identical_lora(data_file: Path, tmp_path: Path)
 
 def test_reward_that_raises_names_function_and_sample(data_file: Path, tmp_path: Path) -> None:
     config = small_config(data_file, tmp_path / "run", rewards="test_raises:1.0")
-    trainer = build_trainer(config, distributed.init_distributed())
+    trainer = build_trainer(config, distributed.init_distributed(), BACKEND)
     with pytest.raises(RewardError) as error:
         train_step(trainer)
     assert "test_raises" in str(error.value) and "train.jsonl:" in str(error.value)
@@ -149,14 +150,14 @@ def test_reward_that_raises_names_function_and_sample(data_file: Path, tmp_path:
 
 def test_nan_reward_is_an_error_not_a_loss(data_file: Path, tmp_path: Path) -> None:
     config = small_config(data_file, tmp_path / "run", rewards="test_nan:1.0")
-    trainer = build_trainer(config, distributed.init_distributed())
+    trainer = build_trainer(config, distributed.init_distributed(), BACKEND)
     with pytest.raises(RewardError, match="test_nan"):
         train_step(trainer)
 
 
 def test_prompt_over_max_length_is_an_error(data_file: Path, tmp_path: Path) -> None:
     config = small_config(data_file, tmp_path / "run", max_prompt_length=10)
-    trainer = build_trainer(config, distributed.init_distributed())
+    trainer = build_trainer(config, distributed.init_distributed(), BACKEND)
     with pytest.raises(DataError, match=r"train\.jsonl:\d+: prompt with 1 image"):
         train_step(trainer)
 
@@ -198,7 +199,7 @@ def test_rows_without_signal_leave_the_weights_alone(
     data_file: Path, tmp_path: Path, overrides: dict
 ) -> None:
     config = small_config(data_file, tmp_path / "run", **overrides)
-    trainer = build_trainer(config, distributed.init_distributed())
+    trainer = build_trainer(config, distributed.init_distributed(), BACKEND)
     before = [p.detach().clone() for p in trainer.policy.trainable_parameters()]
     metrics, _ = train_step(trainer)
     assert metrics["grad_norm"] == 0.0
@@ -217,7 +218,7 @@ def test_accumulated_generation_batches_train_with_every_loss(
         gradient_accumulation_steps=2,
         scale_rewards="batch",
     )
-    trainer = build_trainer(config, distributed.init_distributed())
+    trainer = build_trainer(config, distributed.init_distributed(), BACKEND)
     metrics, records = train_step(trainer)
     assert math.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
     assert len(records) == 2 * config.prompts_per_step * config.num_generations
@@ -227,8 +228,8 @@ def test_resume_from_another_models_checkpoint_names_it(data_file: Path, tmp_pat
     from models.tiny import TinySpec, tiny_model_path
 
     config = small_config(data_file, tmp_path / "run", max_steps=1, save_steps=1)
-    train(config)
+    train(config, BACKEND)
     other = TinySpec(hidden_size=32, num_heads=1, num_kv_heads=1, intermediate_size=64)
     resumed = replace(config, model=str(tiny_model_path(spec=other)), max_steps=2, resume=True)
     with pytest.raises(RuntimeError, match=r"checkpoint-1: the adapter does not fit this model"):
-        train(resumed)
+        train(resumed, BACKEND)

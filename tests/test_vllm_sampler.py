@@ -11,9 +11,10 @@ import math
 import pytest
 import torch
 
-from grpo.rollout import PromptInput, SamplingSettings
 from grpo.sampler_correction import mismatch_stats, pad_sampler_logprobs
+from grpo.types import PromptInput, SamplingSettings
 from models.policy import Policy
+from models.samplers import TransformersSampler
 from models.tiny import TinySpec, tiny_config
 from tests.vllm_helpers import (
     LOGP_TOLERANCE,
@@ -54,8 +55,8 @@ def test_g_completions_with_logprobs_per_prompt(
     policy: Policy, sampler, prompts: list[PromptInput]
 ) -> None:
     rollout = sampler.generate(prompts, 3, SamplingSettings(max_new_tokens=6))
-    assert len(rollout.completion_ids) == len(rollout.sampler_logprobs) == 2 * 3
-    for ids, logprobs in zip(rollout.completion_ids, rollout.sampler_logprobs, strict=True):
+    assert len(rollout.completion_ids) == len(rollout.logprobs) == 2 * 3
+    for ids, logprobs in zip(rollout.completion_ids, rollout.logprobs, strict=True):
         assert 1 <= len(ids) <= 6
         assert len(logprobs) == len(ids)
         assert all(math.isfinite(lp) and lp < 0 for lp in logprobs)
@@ -66,7 +67,9 @@ def test_rows_are_group_major_and_greedy_matches_transformers(
     policy: Policy, sampler, prompts: list[PromptInput]
 ) -> None:
     rows = sampler.generate(prompts, 2, GREEDY).completion_ids
-    reference = policy.generate(prompts, 1, GREEDY)  # transformers generate, one per prompt
+    reference = (
+        TransformersSampler(policy).generate(prompts, 1, GREEDY).completion_ids
+    )  # transformers generate, one per prompt
     assert rows == [reference[0], reference[0], reference[1], reference[1]]
 
 
@@ -92,7 +95,7 @@ def test_sampler_logprobs_agree_with_trainer(
     settings = SamplingSettings(max_new_tokens=8, temperature=temperature)
     rollout = sampler.generate(prompts, 4, settings)
     logp, mask = trainer_logprobs(policy, prompts, rollout.completion_ids, 4, temperature)
-    sampled = pad_sampler_logprobs(rollout.sampler_logprobs, logp.shape[1])  # [N, T]
+    sampled = pad_sampler_logprobs(rollout.logprobs, logp.shape[1])  # [N, T]
     assert mismatch_stats(logp, sampled, mask)["logp_diff_max"] < LOGP_TOLERANCE
     if temperature != 1.0:  # the reported log-probs are of the tempered distribution
         untempered, _ = trainer_logprobs(policy, prompts, rollout.completion_ids, 4, 1.0)
@@ -104,9 +107,9 @@ def test_top_k_is_applied_and_zero_means_off(sampler, prompts: list[PromptInput]
     top1 = sampler.generate(prompts[:1], 3, SamplingSettings(max_new_tokens=6, top_k=1))
     assert top1.completion_ids == [greedy] * 3
     # the sampled distribution is the top-1 truncation: probability 1
-    assert all(lp == 0.0 for row in top1.sampler_logprobs for lp in row)
+    assert all(lp == 0.0 for row in top1.logprobs for lp in row)
     free = sampler.generate(prompts[:1], 3, SamplingSettings(max_new_tokens=6, top_k=0))
-    assert all(lp < -5 for row in free.sampler_logprobs for lp in row)  # near-uniform model
+    assert all(lp < -5 for row in free.logprobs for lp in row)  # near-uniform model
 
 
 def test_vision_tokens_are_banned(policy: Policy, sampler, prompts: list[PromptInput]) -> None:
@@ -130,7 +133,7 @@ def test_completion_ends_with_the_stop_token(
     monkeypatch.setattr(sampler, "stop_ids", sorted({first, *sampler.stop_ids}))
     rollout = sampler.generate(prompts[:1], 2, SamplingSettings(max_new_tokens=6, top_k=1))
     assert rollout.completion_ids == [[first], [first]]
-    assert all(math.isfinite(row[0]) for row in rollout.sampler_logprobs)
+    assert all(math.isfinite(row[0]) for row in rollout.logprobs)
 
 
 def test_sampling_is_seeded_by_the_sampler_alone(sampler, prompts: list[PromptInput]) -> None:
@@ -152,7 +155,7 @@ def test_unsupported_cpu_head_size_is_named_up_front() -> None:
     """head_dim 16 has no vLLM CPU kernel: a clear error up front, not a crash inside the
     engine's first forward."""
     pytest.importorskip("vllm", exc_type=ImportError)
-    from grpo.vllm_sampler import check_cpu_head_size
+    from models.vllm_sampler import check_cpu_head_size
 
     narrow = tiny_config(TinySpec(num_heads=4, num_kv_heads=2, mrope_section=(2, 3, 3)))  # dim 16
     with pytest.raises(ValueError, match="this model's is 16"):
@@ -162,7 +165,7 @@ def test_unsupported_cpu_head_size_is_named_up_front() -> None:
 
 def test_engine_arguments_on_cpu(policy: Policy) -> None:
     pytest.importorskip("vllm", exc_type=ImportError)
-    from grpo.vllm_sampler import VLLMSettings, engine_arguments
+    from models.vllm_sampler import VLLMSettings, engine_arguments
 
     args = engine_arguments(policy, VLLMSettings(sleep=True, seed=7))
     assert args["dtype"] == "float32"  # follows the policy

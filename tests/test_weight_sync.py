@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 import torch
 
-from grpo.rollout import PromptInput, Rollout, SamplingSettings
+from grpo.types import PromptInput, Rollout, SamplingSettings
 from models.policy import Policy
+from models.samplers import TransformersSampler
 from tests.vllm_helpers import (
     LOGP_TOLERANCE,
     image_prompts,
@@ -51,7 +52,7 @@ def train_towards(policy: Policy, prompt: PromptInput, target: list[int]) -> Non
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if policy.generate([prompt], 1, GREEDY) == [target]:
+        if TransformersSampler(policy).generate([prompt], 1, GREEDY).completion_ids == [target]:
             return
     raise AssertionError("the test's training did not reach its target; its setup is broken")
 
@@ -88,9 +89,12 @@ def trained() -> Iterator[Trained]:
 
 def assert_matches_trainer(trained: Trained, rollout: Rollout) -> None:
     """Engine greedy output = transformers' greedy output, with the trainer's log-probs."""
-    assert rollout.completion_ids == trained.policy.generate([trained.prompt], 1, GREEDY)
+    assert (
+        rollout.completion_ids
+        == TransformersSampler(trained.policy).generate([trained.prompt], 1, GREEDY).completion_ids
+    )
     logp, _ = trainer_logprobs(trained.policy, [trained.prompt], rollout.completion_ids, 1, 1.0)
-    sampled = torch.tensor(rollout.sampler_logprobs)  # [1, T]
+    sampled = torch.tensor(rollout.logprobs)  # [1, T]
     assert (logp - sampled).abs().max().item() < LOGP_TOLERANCE
 
 
@@ -113,7 +117,7 @@ def test_sampled_logprobs_agree_after_sync(trained: Trained) -> None:
     settings = SamplingSettings(max_new_tokens=8)
     rollout = trained.merged.generate([trained.prompt], 4, settings)
     logp, mask = trainer_logprobs(trained.policy, [trained.prompt], rollout.completion_ids, 4, 1.0)
-    for i, row in enumerate(rollout.sampler_logprobs):
+    for i, row in enumerate(rollout.logprobs):
         diff = (logp[i, : len(row)] - torch.tensor(row)).abs() * mask[i, : len(row)]
         assert diff.max().item() < LOGP_TOLERANCE
 
@@ -127,7 +131,7 @@ def test_second_sync_without_a_step_changes_nothing(trained: Trained) -> None:
     assert all(torch.equal(weights[name], again[name]) for name in weights)
     second = trained.merged.generate([trained.prompt], 1, GREEDY)
     assert second.completion_ids == first.completion_ids
-    assert second.sampler_logprobs == first.sampler_logprobs
+    assert second.logprobs == first.logprobs
 
 
 def test_adapter_sync_gives_the_same_model(trained: Trained) -> None:

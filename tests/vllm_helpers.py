@@ -18,8 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from grpo.rollout import PromptInput
-from models.policy import Policy, PolicySettings
+from grpo.types import PolicySettings, PromptInput
+from models.policy import Policy
 from models.tiny import TinySpec, tiny_model_path
 
 LOGP_TOLERANCE = 1e-4
@@ -69,6 +69,6 @@ def new_sampler(policy: Policy, **settings: Any) -> Any:
         import vllm  # noqa: F401
     except ImportError:
         pytest.skip("vllm is not installed (pip install '.[cpu]' or '.[gpu]')")
-    from grpo.vllm_sampler import VLLMSampler, VLLMSettings
+    from models.vllm_sampler import VLLMSampler, VLLMSettings
 
     return VLLMSampler(policy, VLLMSettings(kv_cache_gib=0.25, **settings))

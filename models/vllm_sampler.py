@@ -3,7 +3,7 @@
 Each training process (each torchrun rank) owns one engine with tensor parallelism 1: the
 rank's prompts never leave it, and the engine's seed is `seed + rank` so ranks draw different
 completions. The engine runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0), which is what
-lets weight sync hand tensors over by reference (grpo/weight_sync.py).
+lets weight sync hand tensors over by reference (models/weight_sync.py).
 
 What the sampler guarantees, whatever the engine's defaults:
 - rows group-major: the n completions of prompt j are rows j*n .. j*n + n - 1;
@@ -41,8 +41,9 @@ import numpy as np
 import torch
 
 import models.cpu_compat as cpu_compat  # first: before anything imports vllm
-from grpo.rollout import PromptInput, Rollout, SamplingSettings
-from grpo.weight_sync import (
+from grpo.types import PromptInput, Rollout, SamplingSettings
+from models.merge import lora_linears, merged_lora_weights, merged_state_dict
+from models.weight_sync import (
     add_adapter,
     push_weights,
     remove_adapter,
@@ -50,7 +51,6 @@ from grpo.weight_sync import (
     save_adapter,
     shutdown,
 )
-from models.merge import lora_linears, merged_lora_weights, merged_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ def check_sync_mode(sync: str, adapted_modules: list[str]) -> None:
 
 
 class VLLMSampler:
-    """The Sampler interface (grpo/rollout.py) on a colocated vLLM engine."""
+    """The Sampler interface (grpo/types.py) on a colocated vLLM engine."""
 
     def __init__(self, policy: Any, settings: VLLMSettings) -> None:
         use_in_process_engine()
