@@ -12,6 +12,7 @@ decorator (rewards/registry.py).
 
 from rewards import boxed, content, count, format, math, ocr  # noqa: F401  (registers them)
 from rewards.compute import RewardError, score_completions
+from rewards.per_sample import SampleFn, per_sample
 from rewards.registry import (
     PluginError,
     RewardFn,
@@ -20,16 +21,20 @@ from rewards.registry import (
     load_plugin,
     parse_reward_spec,
     register,
+    reward,
 )
 
 __all__ = [
     "PluginError",
     "RewardError",
     "RewardFn",
+    "SampleFn",
     "available",
     "get_reward",
     "load_plugin",
     "parse_reward_spec",
+    "per_sample",
     "register",
+    "reward",
     "score_completions",
 ]

@@ -8,7 +8,6 @@ column goes through the same rule, so a dataset may store "3" or "<answer> 3 </a
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from decimal import Decimal
 
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
@@ -101,15 +100,3 @@ def single_integer(text: str) -> int | None:
     if len(numbers) != 1 or numbers[0] != numbers[0].to_integral_value():
         return None
     return int(numbers[0])
-
-
-def column(columns: dict[str, Sequence], name: str, n: int, reward: str) -> Sequence:
-    """A reward's input column, checked to exist and to align with the n completions."""
-    if name not in columns:
-        raise KeyError(f"reward {reward!r} needs a {name!r} column; got columns {sorted(columns)}")
-    values = columns[name]
-    if len(values) != n:
-        raise ValueError(
-            f"reward {reward!r}: column {name!r} has {len(values)} values for {n} completions"
-        )
-    return values
