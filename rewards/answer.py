@@ -54,6 +54,25 @@ def extract_boxed(text: str) -> str | None:
     return None
 
 
+# What may follow a box that is the last thing said: "$\boxed{12}$." or "\[ \boxed{12} \]".
+_AFTER_FINAL_BOX = " \t\r\n$.)]\\"
+
+
+def trailing_boxed(text: str) -> str | None:
+    r"""Content of a \boxed{...} that ends the text, stripped; None when the text ends otherwise.
+
+    Only spaces, $, periods, closing brackets and backslashes may follow the box.
+    """
+    body = text.rstrip(_AFTER_FINAL_BOX)
+    start = body.rfind(_BOXED + "{")
+    while start != -1:  # an inner box of \boxed{\boxed{5}} does not end the text; the outer does
+        content = _balanced_content(body, start + len(_BOXED))
+        if content is not None and start + len(_BOXED) + len(content) + 2 == len(body):
+            return content.strip()
+        start = body.rfind(_BOXED + "{", 0, start)
+    return None
+
+
 def _balanced_content(text: str, open_index: int) -> str | None:
     """The text between text[open_index] == '{' and its matching '}', or None if unclosed."""
     depth = 0

@@ -27,13 +27,15 @@ def gold_answer(solution: str) -> str:
     return text.rpartition("####")[2].strip()
 
 
-def _normalise(text: str) -> str:
-    return text.strip().strip("$").strip().removesuffix(".").strip()
+def normalise_answer(text: str) -> str:
+    """Spaces and surrounding $ stripped, a final period dropped: "$18$." and "$18.$" -> "18"."""
+    text = text.strip().removesuffix(".").strip()  # a period after the closing $ first
+    return text.strip("$").strip().removesuffix(".").strip()
 
 
 def boxed_equal(answer: str, gold: str) -> bool:
     """Numeric equality when both sides are numbers, exact string equality otherwise."""
-    answer, gold = _normalise(answer), _normalise(gold)
+    answer, gold = normalise_answer(answer), normalise_answer(gold)
     try:
         return parse_number(answer) == parse_number(gold)
     except ValueError:
