@@ -8,7 +8,6 @@ column goes through the same rule, so a dataset may store "3" or "<answer> 3 </a
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from decimal import Decimal
 
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
@@ -52,6 +51,25 @@ def extract_boxed(text: str) -> str | None:
         if content is not None:
             return content.strip()
         start = text.rfind(_BOXED + "{", 0, start)  # unclosed: try an earlier one
+    return None
+
+
+# What may follow a box that is the last thing said: "$\boxed{12}$." or "\[ \boxed{12} \]".
+_AFTER_FINAL_BOX = " \t\r\n$.)]\\"
+
+
+def trailing_boxed(text: str) -> str | None:
+    r"""Content of a \boxed{...} that ends the text, stripped; None when the text ends otherwise.
+
+    Only spaces, $, periods, closing brackets and backslashes may follow the box.
+    """
+    body = text.rstrip(_AFTER_FINAL_BOX)
+    start = body.rfind(_BOXED + "{")
+    while start != -1:  # an inner box of \boxed{\boxed{5}} does not end the text; the outer does
+        content = _balanced_content(body, start + len(_BOXED))
+        if content is not None and start + len(_BOXED) + len(content) + 2 == len(body):
+            return content.strip()
+        start = body.rfind(_BOXED + "{", 0, start)
     return None
 
 
@@ -101,15 +119,3 @@ def single_integer(text: str) -> int | None:
     if len(numbers) != 1 or numbers[0] != numbers[0].to_integral_value():
         return None
     return int(numbers[0])
-
-
-def column(columns: dict[str, Sequence], name: str, n: int, reward: str) -> Sequence:
-    """A reward's input column, checked to exist and to align with the n completions."""
-    if name not in columns:
-        raise KeyError(f"reward {reward!r} needs a {name!r} column; got columns {sorted(columns)}")
-    values = columns[name]
-    if len(values) != n:
-        raise ValueError(
-            f"reward {reward!r}: column {name!r} has {len(values)} values for {n} completions"
-        )
-    return values

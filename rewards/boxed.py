@@ -12,10 +12,10 @@ The gold may be "72", "#### 72" (GSM8K's raw answer field: the part after the la
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import Any
 
-from rewards.answer import answer_or_text, column, extract_boxed, parse_number
-from rewards.registry import register
+from rewards.answer import answer_or_text, extract_boxed, parse_number
+from rewards.registry import reward
 
 
 def gold_answer(solution: str) -> str:
@@ -27,29 +27,30 @@ def gold_answer(solution: str) -> str:
     return text.rpartition("####")[2].strip()
 
 
-def _normalise(text: str) -> str:
-    return text.strip().strip("$").strip().removesuffix(".").strip()
+def normalise_answer(text: str) -> str:
+    """Spaces and surrounding $ stripped, a final period dropped: "$18$." and "$18.$" -> "18"."""
+    text = text.strip().removesuffix(".").strip()  # a period after the closing $ first
+    return text.strip("$").strip().removesuffix(".").strip()
 
 
 def boxed_equal(answer: str, gold: str) -> bool:
     """Numeric equality when both sides are numbers, exact string equality otherwise."""
-    answer, gold = _normalise(answer), _normalise(gold)
+    answer, gold = normalise_answer(answer), normalise_answer(gold)
     try:
         return parse_number(answer) == parse_number(gold)
     except ValueError:
         return answer == gold
 
 
-@register("boxed")
-def boxed_reward(completions: list[str], **columns: Sequence) -> list[float | None]:
-    r"""1.0 where the last \boxed{} content matches the gold answer, else 0.0."""
-    solutions = column(columns, "solution", len(completions), "boxed")
-    scores: list[float | None] = []
-    for completion, gold in zip(completions, solutions, strict=True):
-        if gold is None or not str(gold).strip():
-            scores.append(None)
-            continue
-        boxed = extract_boxed(completion)
-        matched = boxed is not None and boxed_equal(boxed, gold_answer(str(gold)))
-        scores.append(1.0 if matched else 0.0)
-    return scores
+def boxed_score(completion: str, gold: str) -> float:
+    r"""1.0 when the completion's last \boxed{} content matches the gold answer, else 0.0."""
+    boxed = extract_boxed(completion)
+    return 1.0 if boxed is not None and boxed_equal(boxed, gold_answer(gold)) else 0.0
+
+
+@reward("boxed")
+def boxed_reward(completion: str, gold: str, **_: Any) -> float | None:
+    r"""1.0 where the last \boxed{} content matches the gold answer, else 0.0; blank gold: None."""
+    if not gold.strip():
+        return None  # a blank solution is a missing one
+    return boxed_score(completion, gold)

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Sequence
+from typing import Any
 
 from rapidfuzz.distance import Indel
 
-from rewards.answer import answer_or_text, column, find_numbers, remove_numbers
+from rewards.answer import answer_or_text, find_numbers, remove_numbers
+from rewards.per_sample import per_sample
 from rewards.registry import RewardFn, register
 
 
@@ -41,18 +42,12 @@ def make_content_reward(number_weight: float = 0.5) -> RewardFn:
     if not 0.0 <= number_weight <= 1.0:
         raise ValueError(f"number_weight must be in [0, 1], got {number_weight}")
 
-    def content_reward(completions: list[str], **columns: Sequence) -> list[float | None]:
-        solutions = column(columns, "solution", len(completions), "content")
-        scores: list[float | None] = []
-        for completion, gold in zip(completions, solutions, strict=True):
-            if gold is None or not str(gold).strip():
-                scores.append(None)
-                continue
-            answer = answer_or_text(completion)
-            scores.append(content_score(answer, answer_or_text(str(gold)), number_weight))
-        return scores
+    def content_reward(completion: str, gold: str, **_: Any) -> float | None:
+        if not gold.strip():
+            return None  # a blank solution is a missing one
+        return content_score(answer_or_text(completion), answer_or_text(gold), number_weight)
 
-    return content_reward
+    return per_sample(content_reward, name="content")
 
 
 register("content")(make_content_reward())

@@ -11,31 +11,24 @@ that is not a single integer is a data error (ValueError naming it).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import Any
 
-from rewards.answer import answer_or_text, column, extract_answer, single_integer
-from rewards.registry import register
+from rewards.answer import answer_or_text, extract_answer, single_integer
+from rewards.registry import reward
 
 
 def gold_integer(solution: str) -> int:
     """The gold count; ValueError when the solution is not a single integer."""
-    value = single_integer(answer_or_text(str(solution)))
+    value = single_integer(answer_or_text(solution))
     if value is None:
         raise ValueError(f"count reward: solution {solution!r} is not a single integer")
     return value
 
 
-@register("count")
-def count_reward(completions: list[str], **columns: Sequence) -> list[float | None]:
+@reward("count")
+def count_reward(completion: str, gold: str, **_: Any) -> float | None:
     """1.0 where the answer's integer equals the gold integer, else 0.0 (module docstring)."""
-    solutions = column(columns, "solution", len(completions), "count")
-    scores: list[float | None] = []
-    for completion, gold in zip(completions, solutions, strict=True):
-        if gold is None:
-            scores.append(None)
-            continue
-        expected = gold_integer(gold)
-        answer = extract_answer(completion)
-        got = single_integer(answer) if answer is not None else None
-        scores.append(1.0 if got == expected else 0.0)
-    return scores
+    expected = gold_integer(gold)  # first: a bad gold is a data error whatever the answer
+    answer = extract_answer(completion)
+    got = single_integer(answer) if answer is not None else None
+    return 1.0 if got == expected else 0.0

@@ -16,9 +16,9 @@ optionally followed by one newline; both blocks non-blank; tags once each.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from typing import Any
 
-from rewards.registry import register
+from rewards.registry import reward
 
 _TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 _LENIENT = re.compile(r"\s*<think>.*?</think>\s*<answer>.*?</answer>\s*", re.DOTALL)
@@ -40,13 +40,14 @@ def follows_strict_format(text: str) -> bool:
     return match is not None and _tags_once(text) and all(block.strip() for block in match.groups())
 
 
-@register("format")
-def format_reward(completions: list[str], **_: Sequence) -> list[float | None]:
+# The layout is the completion's alone: no gold needed, rows without a solution score too.
+@reward("format", needs_gold=False)
+def format_reward(completion: str, gold: str | None, **_: Any) -> float | None:
     """1.0 where the completion follows the lenient R1 layout, else 0.0."""
-    return [1.0 if follows_format(c) else 0.0 for c in completions]
+    return 1.0 if follows_format(completion) else 0.0
 
 
-@register("format_strict")
-def format_strict_reward(completions: list[str], **_: Sequence) -> list[float | None]:
+@reward("format_strict", needs_gold=False)
+def format_strict_reward(completion: str, gold: str | None, **_: Any) -> float | None:
     """1.0 where the completion follows the strict R1 line layout, else 0.0."""
-    return [1.0 if follows_strict_format(c) else 0.0 for c in completions]
+    return 1.0 if follows_strict_format(completion) else 0.0

@@ -23,12 +23,13 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from math_verify import parse, verify
 
-from rewards.answer import answer_or_text, column, extract_answer
+from rewards.answer import answer_or_text, extract_answer
+from rewards.per_sample import per_sample
 from rewards.registry import RewardFn, register
 
 T = TypeVar("T")
@@ -107,21 +108,16 @@ def math_equal(completion: str, gold: str) -> bool:
 def make_math_reward(timeout_seconds: float = 5.0) -> RewardFn:
     """A math reward whose per-completion check is limited to timeout_seconds."""
 
-    def math_reward(completions: list[str], **columns: Sequence) -> list[float | None]:
-        solutions = column(columns, "solution", len(completions), "math")
-        scores: list[float | None] = []
-        for completion, gold in zip(completions, solutions, strict=True):
-            if gold is None or not str(gold).strip():
-                scores.append(None)
-                continue
-            try:
-                equal = run_with_timeout(math_equal, timeout_seconds, completion, str(gold))
-            except TimeoutError:
-                equal = False
-            scores.append(1.0 if equal else 0.0)
-        return scores
+    def math_reward(completion: str, gold: str, **_: Any) -> float | None:
+        if not gold.strip():
+            return None  # a blank solution is a missing one
+        try:
+            equal = run_with_timeout(math_equal, timeout_seconds, completion, gold)
+        except TimeoutError:
+            equal = False  # an answer too costly to check earns nothing
+        return 1.0 if equal else 0.0
 
-    return math_reward
+    return per_sample(math_reward, name="math")
 
 
 register("math")(make_math_reward())

@@ -24,10 +24,11 @@ policy would learn to print <confidence>100</confidence> and inflate its own rew
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from typing import Any
 
-from rewards.answer import answer_or_text, column
+from rewards.answer import answer_or_text
 from rewards.edit_distance import ImportantChars, weighted_edit_distance, weighted_length
+from rewards.per_sample import per_sample
 from rewards.registry import RewardFn, register
 
 DEFAULT_IMPORTANT_CHARS = "0123456789¥$"
@@ -59,20 +60,11 @@ def make_ocr_reward(
     """An OCR reward with its own important characters and weight (module docstring)."""
     weight = ImportantChars(important_chars, important_weight)
 
-    def ocr_reward(completions: list[str], **columns: Sequence) -> list[float | None]:
-        solutions = column(columns, "solution", len(completions), "ocr")
-        scores: list[float | None] = []
-        for completion, gold in zip(completions, solutions, strict=True):
-            if gold is None:
-                scores.append(None)
-                continue
-            score = ocr_score(answer_or_text(completion), answer_or_text(str(gold)), weight)
-            if use_confidence:
-                score *= self_reported_confidence(completion)
-            scores.append(score)
-        return scores
+    def ocr_reward(completion: str, gold: str, **_: Any) -> float | None:
+        score = ocr_score(answer_or_text(completion), answer_or_text(gold), weight)
+        return score * self_reported_confidence(completion) if use_confidence else score
 
-    return ocr_reward
+    return per_sample(ocr_reward, name="ocr")
 
 
 register("ocr")(make_ocr_reward())

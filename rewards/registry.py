@@ -1,20 +1,28 @@
 """Reward functions by name: the registry, the `--rewards` spec parser and plugin loading.
 
-A reward function scores a batch of completions against the sample's columns:
+The registry holds batch functions, which score all completions of a batch at once:
 
     f(completions: list[str], **columns) -> list[float | None]
 
-Each column (e.g. `solution`) is a list aligned with `completions`. The result holds one
-float per completion, or None where the reward does not apply. Functions must accept and
-ignore columns they do not use (**kwargs).
+Each column (e.g. `solution`) is a list aligned with `completions`; the result holds one
+float per completion, or None where the reward does not apply. `register` adds one as is.
+Most rewards judge one completion at a time, so `reward` registers a per-sample function
+instead and builds the batch function around it (rewards/per_sample.py): the row's
+`solution` arrives as `gold` (as text; rows without one score None unless
+needs_gold=False), its other columns as keyword fields, which the function must accept
+and may ignore (**fields).
 
 A plugin is a Python file that registers more rewards when imported:
 
-    from rewards import register
+    from rewards import reward
 
-    @register("length_penalty")
-    def length_penalty(completions, **columns):
-        return [-len(c) / 1000 for c in completions]
+    @reward("mentions_gold")
+    def mentions_gold(completion: str, gold: str, **fields) -> float | None:
+        return 1.0 if gold in completion else 0.0
+
+    @reward("brevity", needs_gold=False)
+    def brevity(completion: str, gold: str | None, **fields) -> float | None:
+        return -len(completion) / 1000
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-RewardFn = Callable[..., list[float | None]]
+from rewards.per_sample import RewardFn, SampleFn, per_sample
 
 _REGISTRY: dict[str, RewardFn] = {}
 _LOADED_PLUGINS: dict[Path, list[str]] = {}
@@ -59,6 +67,22 @@ def register(name: str, *, replace: bool = False) -> Callable[[RewardFn], Reward
             )
         _REGISTRY[name] = fn
         return fn
+
+    return decorator
+
+
+def reward(
+    name: str, *, needs_gold: bool = True, replace: bool = False
+) -> Callable[[SampleFn], RewardFn]:
+    """Decorator: register the per-sample `fn(completion, gold, **fields) -> float | None`.
+
+    Shorthand for register(name, replace=replace)(per_sample(fn, name=name,
+    needs_gold=needs_gold)); returns the registered batch function.
+    """
+    add = register(name, replace=replace)  # a bad name fails here, before any function
+
+    def decorator(fn: SampleFn) -> RewardFn:
+        return add(per_sample(fn, name=name, needs_gold=needs_gold))
 
     return decorator
 
