@@ -31,6 +31,7 @@ ref_logp - logp > 20. Padding positions are never read: they may hold anything, 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -61,16 +62,43 @@ def _check_inputs(
         raise ValueError("mask must hold only 0 and 1")
 
 
-def _check_options(
-    loss_type: str, beta: float, has_ref: bool, eps_low: float, eps_high: float
-) -> None:
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    if beta < 0 or (beta > 0 and not has_ref):
-        raise ValueError(f"beta={beta} needs beta >= 0, and ref_logp when beta > 0")
-    # The clip range must stay inside the clamp's range, or clamping would change the clip.
-    if not (0 <= eps_low < 1 and eps_high >= 0 and math.log1p(eps_high) < LOG_RATIO_BOUND):
-        raise ValueError(f"need 0 <= eps_low < 1, 0 <= eps_high < e^20: {eps_low}, {eps_high}")
+@dataclass(frozen=True)
+class LossSettings:
+    """Every option of `grpo_loss`, validated once. The defaults are plain GRPO (DeepSeekMath).
+
+    loss_type: how token losses are averaged, one of LOSS_TYPES (module docstring).
+    beta: KL coefficient, >= 0 (0: no KL term, ref_logp may be None).
+    eps_low, eps_high: the clip range [1 - eps_low, 1 + eps_high]; eps_high=None means eps_low.
+    max_completion_length: the dr_grpo denominator (None: the padded width T).
+    """
+
+    loss_type: str = "grpo"
+    beta: float = 0.0
+    eps_low: float = 0.2
+    eps_high: float | None = None
+    max_completion_length: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        if not self.beta >= 0:
+            raise ValueError(f"beta must be >= 0, got {self.beta}")
+        # The clip range must stay inside the clamp's range, or clamping would change the clip.
+        high = self.clip_high
+        if not (0 <= self.eps_low < 1 and high >= 0 and math.log1p(high) < LOG_RATIO_BOUND):
+            raise ValueError(
+                f"need 0 <= eps_low < 1 and 0 <= eps_high < e^20 - 1, got eps_low={self.eps_low}, "
+                f"eps_high={self.eps_high}"
+            )
+        if self.max_completion_length is not None and self.max_completion_length < 1:
+            raise ValueError(
+                f"max_completion_length must be None or >= 1, got {self.max_completion_length}"
+            )
+
+    @property
+    def clip_high(self) -> float:
+        """eps_high, with None resolved to eps_low."""
+        return self.eps_low if self.eps_high is None else self.eps_high
 
 
 def _aggregate(
@@ -127,32 +155,31 @@ def grpo_loss(
     ref_logp: Tensor | None,
     advantages: Tensor,
     mask: Tensor,
+    settings: LossSettings = LossSettings(),
     *,
-    beta: float = 0.0,
-    eps_low: float = 0.2,
-    eps_high: float | None = None,
-    loss_type: str = "grpo",
-    max_completion_length: int | None = None,
     num_items: float | Tensor | None = None,
     is_weights: Tensor | None = None,
+    entropy: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """GRPO loss (formulas in the module docstring) and detached 0-d statistics.
 
-    logp, old_logp, ref_logp, mask, is_weights: [N, T]; advantages: [N] (NaN is a ValueError).
-    ref_logp may be None when beta == 0 (then stats["kl"] is 0). eps_high=None means eps_low.
-    mask is 0/1, bool or float; a row with no active token contributes 0. num_items: the dapo
-    denominator, the active-token count of the whole generation batch over all ranks
-    (None: this batch's count). max_completion_length: the dr_grpo denominator (None: T).
-    is_weights multiply the surrogate only, not the KL term.
+    logp, old_logp, ref_logp, mask, is_weights, entropy: [N, T]; advantages: [N] (NaN is a
+    ValueError). settings: every option (LossSettings). ref_logp may be None when beta == 0
+    (then stats["kl"] is 0). mask is 0/1, bool or float; a row with no active token contributes
+    0. num_items: the dapo denominator, the active-token count of the whole generation batch
+    over all ranks (None: this batch's count). is_weights multiply the surrogate only, not the
+    KL term. entropy: per-token entropy of the policy, read only by the entropy options.
 
     stats: kl (token mean), clip_frac_low (rho < 1 - eps_low and A < 0), clip_frac_high
     (rho > 1 + eps_high and A > 0), clip_frac (their sum), ratio_mean / ratio_min / ratio_max,
     all over this rank's active tokens.
     """
-    eps_high = eps_low if eps_high is None else eps_high
+    eps_low, eps_high, beta = settings.eps_low, settings.clip_high, settings.beta
     named = {"old_logp": old_logp, "ref_logp": ref_logp, "mask": mask, "is_weights": is_weights}
+    named["entropy"] = entropy
     _check_inputs(logp, named, advantages, mask)
-    _check_options(loss_type, beta, ref_logp is not None, eps_low, eps_high)
+    if beta > 0 and ref_logp is None:
+        raise ValueError(f"beta={beta} > 0 needs ref_logp")
     dtype = torch.promote_types(logp.dtype, torch.float32)
     m = mask.bool()  # [N, T]
     logp = logp.to(dtype)  # [N, T]
@@ -175,5 +202,7 @@ def grpo_loss(
         per_token = per_token + beta * kl  # [N, T]
     per_token = torch.where(m, per_token, 0.0)  # [N, T]
 
-    loss = _aggregate(per_token, m.to(dtype), loss_type, max_completion_length, num_items)
+    loss = _aggregate(
+        per_token, m.to(dtype), settings.loss_type, settings.max_completion_length, num_items
+    )
     return loss, _stats(ratio, adv, kl, m, eps_low, eps_high)

@@ -14,7 +14,7 @@ import torch
 
 from grpo import distributed as gd
 from grpo.advantages import SCALES, group_advantages
-from grpo.loss import LOSS_TYPES, grpo_loss
+from grpo.loss import LOSS_TYPES, LossSettings, grpo_loss
 
 
 def shard(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
@@ -45,9 +45,7 @@ def main(out_dir: Path) -> None:
             mine["ref_logp"],
             mine["advantages"],
             mine["mask"],
-            beta=0.04,
-            eps_high=0.28,
-            loss_type=loss_type,
+            LossSettings(beta=0.04, eps_high=0.28, loss_type=loss_type),
             num_items=num_items if loss_type == "dapo" else None,
             is_weights=mine["is_weights"],
         )

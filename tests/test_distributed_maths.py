@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from grpo import distributed as gd
 from grpo.advantages import SCALES, group_advantages
-from grpo.loss import grpo_loss
+from grpo.loss import LossSettings, grpo_loss
 from tests.launch import torchrun
 
 WORKER = Path(__file__).resolve().with_name("dist_maths_worker.py")
@@ -72,8 +72,9 @@ def test_loss_and_gradient_equal_single_process(ranks: list[dict], loss_type: st
     rank's gradient / world size is the global gradient of its rows."""
     b = global_batch()
     logp = b["logp"].clone().requires_grad_(True)
-    kw = {"beta": 0.04, "eps_high": 0.28, "loss_type": loss_type, "is_weights": b["is_weights"]}
-    loss, _ = grpo_loss(logp, b["old_logp"], b["ref_logp"], b["advantages"], b["mask"], **kw)
+    settings = LossSettings(beta=0.04, eps_high=0.28, loss_type=loss_type)
+    args = (b["old_logp"], b["ref_logp"], b["advantages"], b["mask"], settings)
+    loss, _ = grpo_loss(logp, *args, is_weights=b["is_weights"])
     loss.backward()
     mean_loss = sum(r[f"loss_{loss_type}"] for r in ranks) / WORLD
     torch.testing.assert_close(mean_loss, loss.detach(), rtol=1e-12, atol=0)
