@@ -213,13 +213,13 @@ def importance_ratio(logp: Tensor, old_logp: Tensor, m: Tensor, level: str = "to
 
         rho_{i,t} = exp(logp_{i,t} - old_logp_{i,t})
 
-    sequence (GSPO, Zheng et al. 2025, arXiv:2507.18071, eq. 7): one length-normalised ratio per
+    sequence (GSPO, Zheng et al. 2025, arXiv:2507.18071): one length-normalised ratio per
     sequence, broadcast over its tokens (its gradient reaches every token, d s_i / d logp_{i,t} =
     s_i / |o_i|)::
 
         s_i = exp((1 / |o_i|) sum_t M_{i,t} (logp_{i,t} - old_logp_{i,t}))
 
-    sequence_token (GSPO-token, the same paper, eq. 13): the value of s_i, a per-token gradient
+    sequence_token (GSPO-token, the same paper): the value of s_i, a per-token gradient
     (d s_{i,t} / d logp_{i,t} = s_i; other tokens do not move it)::
 
         s_{i,t} = sg[s_i] * exp(logp_{i,t} - sg[logp_{i,t}])
@@ -260,7 +260,7 @@ def ppo_surrogate(
 
 
 def two_sided_clip(ratio: Tensor, delta: float) -> Tensor:
-    """INTELLECT-2's two-sided clipping (Prime Intellect 2025, arXiv:2505.07291, section 3.2):
+    """INTELLECT-2's two-sided clipping (Prime Intellect 2025, arXiv:2505.07291):
     the unclipped branch's ratio is capped at delta > 1 + eps_high, [N, T]::
 
         l = -min(min(rho, delta) * A, clip(rho, 1 - eps_low, 1 + eps_high) * A)
@@ -272,7 +272,7 @@ def two_sided_clip(ratio: Tensor, delta: float) -> Tensor:
 
 
 def dual_clip(per_token: Tensor, adv: Tensor, c: float) -> Tensor:
-    """Dual-clip PPO (Ye et al. 2020, arXiv:1912.09729, eq. 6): for A < 0 the clipped loss is
+    """Dual-clip PPO (Ye et al. 2020, arXiv:1912.09729): for A < 0 the clipped loss is
     bounded by c * |A| (c > 1), [N, T]::
 
         l' = min(l, -c * A)  if A < 0,   l' = l  otherwise
@@ -285,7 +285,7 @@ def dual_clip(per_token: Tensor, adv: Tensor, c: float) -> Tensor:
 def cispo_surrogate(
     ratio: Tensor, logp: Tensor, adv: Tensor, eps_low: float, eps_high: float
 ) -> Tensor:
-    """CISPO (MiniMax-M1, arXiv:2506.13585, eq. 4): REINFORCE with a clipped, stopped-gradient
+    """CISPO (MiniMax-M1, arXiv:2506.13585): REINFORCE with a clipped, stopped-gradient
     importance weight, so every token keeps a gradient (none is dropped by the clip), [N, T]::
 
         l = -sg[clip(rho, 1 - eps_low, 1 + eps_high)] * A * logp
@@ -300,7 +300,7 @@ def cispo_surrogate(
 
 
 def sapo_surrogate(ratio: Tensor, adv: Tensor, tau_pos: float, tau_neg: float) -> Tensor:
-    """SAPO, soft adaptive policy optimisation (Gao et al. 2025, arXiv:2511.20347): a smooth
+    """SAPO, soft adaptive policy optimisation (arXiv:2511.20347): a smooth
     sigmoid gate replaces the hard clip, with a temperature per advantage sign, [N, T]::
 
         f_tau(rho) = sigmoid(tau * (rho - 1)) * 4 / tau,   tau = tau_pos if A > 0 else tau_neg

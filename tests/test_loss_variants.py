@@ -44,7 +44,7 @@ def python_quantile(values: list[float], q: float) -> float:
 def reference_token_ratio(
     logp: torch.Tensor, old: torch.Tensor, i: int, t: int, active: list[int], level: str
 ) -> torch.Tensor:
-    """rho_{i,t} (PPO), s_i (GSPO eq. 7) or sg[s_i] * pi / sg[pi] (GSPO-token eq. 13)."""
+    """rho_{i,t} (PPO), s_i (GSPO) or sg[s_i] * pi / sg[pi] (GSPO-token)."""
     if level == "token":
         return torch.exp(logp[i, t] - old[i, t])
     total = const(0.0)
