@@ -13,8 +13,13 @@ from pathlib import Path
 import torch
 
 from grpo import distributed as gd
-from grpo.advantages import SCALES, group_advantages
-from grpo.loss import LOSS_TYPES, grpo_loss
+from grpo.advantages import SCALES, aggregate_rewards, group_advantages
+from grpo.loss import LOSS_TYPES, LossSettings, grpo_loss
+from grpo.sampler_correction import importance_weights, off_policy_sequence_mask
+
+# The batch-wide variants, with the settings tests/test_distributed_maths.py repeats.
+TOP_ENTROPY = {"top_entropy_quantile": 0.3, "entropy_coef": 0.02, "beta": 0.04, "eps_high": 0.28}
+SEQ_MASK = {"lower": 0.5, "upper": 1.5, "delta": 0.05}
 
 
 def shard(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
@@ -45,15 +50,14 @@ def main(out_dir: Path) -> None:
             mine["ref_logp"],
             mine["advantages"],
             mine["mask"],
-            beta=0.04,
-            eps_high=0.28,
-            loss_type=loss_type,
+            LossSettings(beta=0.04, eps_high=0.28, loss_type=loss_type),
             num_items=num_items if loss_type == "dapo" else None,
             is_weights=mine["is_weights"],
         )
         loss.backward()
         out[f"loss_{loss_type}"], out[f"grad_{loss_type}"] = loss.detach(), logp.grad
 
+    variants(mine, full, num_items, out)
     out["broadcast"] = gd.broadcast_object({"from": rank, "payload": [rank] * 3}, src=1)
     try:
         gd.all_gather_cat(torch.zeros(rank + 1))
@@ -64,6 +68,38 @@ def main(out_dir: Path) -> None:
     torch.save(out, out_dir / f"rank{rank}.pt")
     gd.cleanup()
     assert not gd.is_distributed(), "cleanup() left the process group alive"
+
+
+def variants(mine: dict, full: dict, num_items: torch.Tensor, out: dict[str, object]) -> None:
+    """Top-entropy mask (all-rank quantile), GDPO + batch advantages, sequence masks + dapo."""
+    g = full["group_size"]
+    for loss_type in ("dapo", "grpo"):
+        logp = mine["logp"].clone().requires_grad_(True)
+        entropy = mine["entropy"].clone().requires_grad_(True)
+        settings = LossSettings(loss_type=loss_type, **TOP_ENTROPY)
+        args = (logp, mine["old_logp"], mine["ref_logp"], mine["advantages"], mine["mask"])
+        loss, stats = grpo_loss(*args, settings, num_items=num_items, entropy=entropy)
+        loss.backward()
+        key = f"top_entropy_{loss_type}"
+        out[key] = (loss.detach(), logp.grad, entropy.grad, stats["entropy_threshold"])
+
+    rewards = aggregate_rewards(mine["per_function"], full["weights"], g, "normalize_then_sum")
+    out["gdpo_adv"] = gd.all_gather_cat(group_advantages(rewards, g, "batch"))
+
+    weights, metrics = importance_weights(
+        mine["old_logp"], mine["sampler_logp"], mine["mask"], "sequence_mask",
+        SEQ_MASK["lower"], SEQ_MASK["upper"],
+    )  # fmt: skip
+    keep, opsm = off_policy_sequence_mask(
+        mine["logp"], mine["sampler_logp"], mine["advantages"], mine["mask"], SEQ_MASK["delta"]
+    )
+    logp = mine["logp"].clone().requires_grad_(True)
+    args = (logp, mine["old_logp"], mine["ref_logp"], mine["advantages"], mine["mask"])
+    w = weights * keep[:, None]  # [N, T]
+    loss, _ = grpo_loss(*args, LossSettings(loss_type="dapo"), num_items=num_items, is_weights=w)
+    loss.backward()
+    counts = torch.stack([metrics["is_high"] + metrics["is_low"], opsm["opsm_dropped"]])  # [2]
+    out["seq_mask_dapo"] = (loss.detach(), logp.grad, gd.all_reduce_sum(counts))
 
 
 if __name__ == "__main__":

@@ -10,8 +10,10 @@ import torch
 import torch.distributed as dist
 
 from grpo import distributed as gd
-from grpo.advantages import SCALES, group_advantages
-from grpo.loss import grpo_loss
+from grpo.advantages import SCALES, aggregate_rewards, group_advantages
+from grpo.loss import LossSettings, entropy_threshold, grpo_loss
+from grpo.sampler_correction import importance_weights, off_policy_sequence_mask
+from tests.dist_maths_worker import SEQ_MASK, TOP_ENTROPY
 from tests.launch import torchrun
 
 WORKER = Path(__file__).resolve().with_name("dist_maths_worker.py")
@@ -28,6 +30,10 @@ def global_batch() -> dict[str, torch.Tensor | int]:
     rewards[7] = float("nan")
     rewards[9:12] = 0.5  # an all-equal group on rank 1
     lengths = torch.tensor([6, 5, 6, 4, 6, 5, 1, 2, 0, 3, 1, 2])
+    per_function = torch.randn(n, 3, generator=gen, dtype=F64) * torch.tensor(
+        [1.0, 5.0, 0.2], dtype=F64
+    )
+    per_function[2, 1] = per_function[10, 0] = float("nan")
     return {
         "group_size": GROUP,
         "rewards": rewards,
@@ -37,6 +43,12 @@ def global_batch() -> dict[str, torch.Tensor | int]:
         "advantages": torch.randn(n, generator=gen, dtype=F64),
         "mask": (torch.arange(T)[None, :] < lengths[:, None]).to(F64),
         "is_weights": torch.rand(n, T, generator=gen, dtype=F64) + 0.5,
+        # rank 1's entropies are lower, so a rank-local quantile would differ from the global one
+        "entropy": torch.rand(n, T, generator=gen, dtype=F64)
+        * torch.tensor([3.0] * 6 + [1.0] * 6, dtype=F64)[:, None],
+        "per_function": per_function,
+        "weights": torch.tensor([1.0, 0.5, 2.0], dtype=F64),
+        "sampler_logp": logp + 0.15 * torch.randn(n, T, generator=gen, dtype=F64),
     }
 
 
@@ -72,8 +84,9 @@ def test_loss_and_gradient_equal_single_process(ranks: list[dict], loss_type: st
     rank's gradient / world size is the global gradient of its rows."""
     b = global_batch()
     logp = b["logp"].clone().requires_grad_(True)
-    kw = {"beta": 0.04, "eps_high": 0.28, "loss_type": loss_type, "is_weights": b["is_weights"]}
-    loss, _ = grpo_loss(logp, b["old_logp"], b["ref_logp"], b["advantages"], b["mask"], **kw)
+    settings = LossSettings(beta=0.04, eps_high=0.28, loss_type=loss_type)
+    args = (b["old_logp"], b["ref_logp"], b["advantages"], b["mask"], settings)
+    loss, _ = grpo_loss(logp, *args, is_weights=b["is_weights"])
     loss.backward()
     mean_loss = sum(r[f"loss_{loss_type}"] for r in ranks) / WORLD
     torch.testing.assert_close(mean_loss, loss.detach(), rtol=1e-12, atol=0)
@@ -86,6 +99,75 @@ def test_dapo_token_count_is_global(ranks: list[dict]) -> None:
     assert all(r["num_items"] == total for r in ranks)
     # Guards the dapo test: the ranks' token counts differ, so a local mean would not match.
     assert global_batch()["mask"][:6].sum() != global_batch()["mask"][6:].sum()
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_top_entropy_mask_equals_single_process(ranks: list[dict], loss_type: str) -> None:
+    """The entropy threshold is a quantile over all ranks' tokens: the two-rank loss, gradients
+    (logp and entropy) and threshold equal one process on the concatenated batch."""
+    b = global_batch()
+    logp = b["logp"].clone().requires_grad_(True)
+    entropy = b["entropy"].clone().requires_grad_(True)
+    args = (logp, b["old_logp"], b["ref_logp"], b["advantages"], b["mask"])
+    settings = LossSettings(loss_type=loss_type, **TOP_ENTROPY)
+    loss, stats = grpo_loss(*args, settings, entropy=entropy)
+    loss.backward()
+    results = [r[f"top_entropy_{loss_type}"] for r in ranks]
+    torch.testing.assert_close(
+        sum(r[0] for r in results) / WORLD, loss.detach(), rtol=1e-12, atol=0
+    )
+    grads = torch.cat([r[1] for r in results]) / WORLD
+    torch.testing.assert_close(grads, logp.grad, rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        torch.cat([r[2] for r in results]) / WORLD, entropy.grad, rtol=1e-12, atol=0
+    )
+    for r in results:
+        assert r[3] == stats["entropy_threshold"]
+    # Guards: each rank's own quantile differs from the global one.
+    for half in (slice(0, 6), slice(6, 12)):
+        local = entropy_threshold(
+            b["entropy"][half], b["mask"][half], TOP_ENTROPY["top_entropy_quantile"]
+        )
+        assert local != stats["entropy_threshold"]
+
+
+def test_gdpo_then_batch_advantages_equal_single_process(ranks: list[dict]) -> None:
+    b = global_batch()
+    rewards = aggregate_rewards(b["per_function"], b["weights"], GROUP, "normalize_then_sum")
+    single = group_advantages(rewards, GROUP, "batch")
+    for result in ranks:
+        torch.testing.assert_close(result["gdpo_adv"], single, rtol=1e-12, atol=0, equal_nan=True)
+
+
+def test_sequence_masks_with_dapo_equal_single_process(ranks: list[dict]) -> None:
+    b = global_batch()
+    weights, metrics = importance_weights(
+        b["old_logp"],
+        b["sampler_logp"],
+        b["mask"],
+        "sequence_mask",
+        SEQ_MASK["lower"],
+        SEQ_MASK["upper"],
+    )
+    keep, opsm = off_policy_sequence_mask(
+        b["logp"], b["sampler_logp"], b["advantages"], b["mask"], SEQ_MASK["delta"]
+    )
+    logp = b["logp"].clone().requires_grad_(True)
+    args = (logp, b["old_logp"], b["ref_logp"], b["advantages"], b["mask"])
+    loss, _ = grpo_loss(*args, LossSettings(loss_type="dapo"), is_weights=weights * keep[:, None])
+    loss.backward()
+    results = [r["seq_mask_dapo"] for r in ranks]
+    torch.testing.assert_close(
+        sum(r[0] for r in results) / WORLD, loss.detach(), rtol=1e-12, atol=0
+    )
+    torch.testing.assert_close(
+        torch.cat([r[1] for r in results]) / WORLD, logp.grad, rtol=1e-12, atol=0
+    )
+    counts = torch.stack([metrics["is_high"] + metrics["is_low"], opsm["opsm_dropped"]])
+    for r in results:
+        torch.testing.assert_close(r[2], counts)
+    # Guards: both rules dropped something, and not everything.
+    assert counts[0] > 0 and counts[1] > 0 and (weights * keep[:, None]).sum() > 0
 
 
 def test_helpers_under_torchrun(ranks: list[dict]) -> None:

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from grpo.loss import LOSS_TYPES, grpo_loss
+from grpo.loss import LOSS_TYPES, LossSettings, grpo_loss
 
 F64 = torch.float64
 
@@ -101,8 +101,12 @@ def test_matches_reference_loss_and_gradient(
     extra = {"dapo": {"num_items": 50.0}, "dr_grpo": {"max_completion_length": 9}}
     for kw in ({}, extra.get(loss_type, {})):
         common = {"beta": beta, "eps_low": 0.2, "eps_high": eps_high, "loss_type": loss_type}
-        loss, grad = loss_and_grad(grpo_loss, batch, is_weights=w, **common, **kw)
-        ref_kw = {"max_len": kw.get("max_completion_length"), "num_items": kw.get("num_items")}
+        settings = LossSettings(**common, max_completion_length=kw.get("max_completion_length"))
+        num_items = kw.get("num_items")
+        loss, grad = loss_and_grad(
+            grpo_loss, batch, settings=settings, is_weights=w, num_items=num_items
+        )
+        ref_kw = {"max_len": kw.get("max_completion_length"), "num_items": num_items}
         ref_loss, ref_grad = loss_and_grad(reference_loss, batch, w=w, **common, **ref_kw)
         torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-14)
@@ -117,7 +121,7 @@ def test_reference_batch_exercises_both_clips() -> None:
 @pytest.mark.parametrize("eps_high", [None, 0.28])
 def test_clip_fractions_and_ratio_stats_match_loop(eps_high: float | None) -> None:
     b = make_batch(seed=4, spread=0.4)
-    _, stats = grpo_loss(**b, eps_low=0.2, eps_high=eps_high)
+    _, stats = grpo_loss(**b, settings=LossSettings(eps_low=0.2, eps_high=eps_high))
     high = 0.2 if eps_high is None else eps_high
     low_n = high_n = 0
     ratios = []
@@ -162,7 +166,8 @@ def test_hand_computed_clipping(
 def test_on_policy_gradient_is_minus_advantage_over_normaliser(loss_type: str) -> None:
     b = make_batch(seed=5)
     logp = b["logp"].clone().requires_grad_(True)
-    loss, _ = grpo_loss(logp, logp.detach(), None, b["advantages"], b["mask"], loss_type=loss_type)
+    settings = LossSettings(loss_type=loss_type)
+    loss, _ = grpo_loss(logp, logp.detach(), None, b["advantages"], b["mask"], settings)
     loss.backward()
     m, adv = b["mask"], b["advantages"][:, None]
     lengths = m.sum(dim=1, keepdim=True)
@@ -181,10 +186,13 @@ def test_kl_zero_at_reference_and_positive_elsewhere() -> None:
     b = make_batch(seed=6)
     args = (b["logp"], b["old_logp"])
     base, stats0 = grpo_loss(*args, None, b["advantages"], b["mask"])
-    same, stats_same = grpo_loss(*args, b["logp"], b["advantages"], b["mask"], beta=0.5)
+    same, stats_same = grpo_loss(
+        *args, b["logp"], b["advantages"], b["mask"], LossSettings(beta=0.5)
+    )
     assert stats0["kl"].item() == 0 and stats_same["kl"].item() == 0
     torch.testing.assert_close(same, base)
-    moved, stats_moved = grpo_loss(*args, b["ref_logp"], b["advantages"], b["mask"], beta=0.5)
+    beta_half = LossSettings(beta=0.5)
+    moved, stats_moved = grpo_loss(*args, b["ref_logp"], b["advantages"], b["mask"], beta_half)
     assert stats_moved["kl"] > 0 and moved > base
     # The KL statistic is reported even when it is not in the loss (beta = 0).
     _, stats_b0 = grpo_loss(*args, b["ref_logp"], b["advantages"], b["mask"])
@@ -204,7 +212,9 @@ def test_all_equal_groups_give_finite_zero_loss(loss_type: str) -> None:
     adv = group_advantages(torch.ones(6), group_size=3)
     b = make_batch(seed=7)
     logp = b["logp"].clone().requires_grad_(True)
-    loss, _ = grpo_loss(logp, b["old_logp"], None, adv, b["mask"], loss_type=loss_type)
+    loss, _ = grpo_loss(
+        logp, b["old_logp"], None, adv, b["mask"], LossSettings(loss_type=loss_type)
+    )
     loss.backward()
     assert loss.item() == 0 and logp.grad.eq(0).all()
 
@@ -214,8 +224,9 @@ def test_gradcheck(loss_type: str) -> None:
     b = make_batch(seed=8, n=4, t=5)
 
     def f(logp: torch.Tensor) -> torch.Tensor:
-        kw = {"beta": 0.1, "eps_high": 0.28, "loss_type": loss_type, "is_weights": b["is_weights"]}
-        return grpo_loss(logp, b["old_logp"], b["ref_logp"], b["advantages"], b["mask"], **kw)[0]
+        settings = LossSettings(beta=0.1, eps_high=0.28, loss_type=loss_type)
+        args = (logp, b["old_logp"], b["ref_logp"], b["advantages"], b["mask"], settings)
+        return grpo_loss(*args, is_weights=b["is_weights"])[0]
 
     assert torch.autograd.gradcheck(f, (b["logp"].clone().requires_grad_(True),))
 
@@ -229,8 +240,8 @@ def test_large_log_ratios_stay_finite(dtype: torch.dtype, loss_type: str) -> Non
     logp = delta.to(dtype).requires_grad_(True)
     ref = torch.tensor([[100.0, -100.0], [0.0, 0.0]], dtype=dtype)
     adv = torch.tensor([1.0, -1.0], dtype=dtype)
-    kw = {"beta": 0.1, "loss_type": loss_type}
-    loss, stats = grpo_loss(logp, old, ref, adv, torch.ones(2, 2), **kw)
+    settings = LossSettings(beta=0.1, loss_type=loss_type)
+    loss, stats = grpo_loss(logp, old, ref, adv, torch.ones(2, 2), settings)
     loss.backward()
     assert loss.dtype == torch.float32
     assert torch.isfinite(loss) and torch.isfinite(logp.grad).all()
@@ -253,14 +264,14 @@ def test_beyond_the_bound_the_clipped_branch_is_exact() -> None:
 def test_padding_values_are_never_read() -> None:
     b = make_batch(seed=9)
     pad = b["mask"] == 0
-    clean = loss_and_grad(grpo_loss, b, beta=0.1, is_weights=b["is_weights"])
+    clean = loss_and_grad(grpo_loss, b, settings=LossSettings(beta=0.1), is_weights=b["is_weights"])
     dirty = {k: v.clone() for k, v in b.items()}
     for key, value in [("logp", -math.inf), ("old_logp", math.nan), ("ref_logp", math.inf)]:
         dirty[key][pad] = value
     dirty["is_weights"][pad] = math.nan
     logp = dirty["logp"].clone().requires_grad_(True)
     args = (dirty["old_logp"], dirty["ref_logp"], dirty["advantages"], dirty["mask"])
-    loss, _ = grpo_loss(logp, *args, beta=0.1, is_weights=dirty["is_weights"])
+    loss, _ = grpo_loss(logp, *args, LossSettings(beta=0.1), is_weights=dirty["is_weights"])
     loss.backward()
     torch.testing.assert_close(loss.detach(), clean[0])
     torch.testing.assert_close(logp.grad, clean[1])
@@ -291,9 +302,9 @@ def test_bad_input_is_rejected() -> None:
     with pytest.raises(ValueError, match=r"NaN at rows \[1\]"):
         grpo_loss(*args, adv_nan, b["mask"])
     with pytest.raises(ValueError, match="ref_logp"):
-        grpo_loss(*args, b["advantages"], b["mask"], beta=0.1)
+        grpo_loss(*args, b["advantages"], b["mask"], LossSettings(beta=0.1))
     with pytest.raises(ValueError, match="loss_type"):
-        grpo_loss(*args, b["advantages"], b["mask"], loss_type="ppo")
+        grpo_loss(*args, b["advantages"], b["mask"], LossSettings(loss_type="ppo"))
     with pytest.raises(ValueError, match="0 and 1"):
         grpo_loss(*args, b["advantages"], b["mask"] * 0.5)
     with pytest.raises(ValueError, match="old_logp"):
@@ -301,8 +312,78 @@ def test_bad_input_is_rejected() -> None:
     with pytest.raises(ValueError, match="advantages"):
         grpo_loss(*args, b["advantages"][1:], b["mask"])
     with pytest.raises(ValueError, match="max_completion_length"):
-        grpo_loss(*args, b["advantages"], b["mask"], loss_type="dr_grpo", max_completion_length=2)
+        dr2 = LossSettings(loss_type="dr_grpo", max_completion_length=2)
+        grpo_loss(*args, b["advantages"], b["mask"], dr2)
     with pytest.raises(ValueError, match="num_items"):
-        grpo_loss(*args, b["advantages"], b["mask"], loss_type="dapo", num_items=0)
+        grpo_loss(*args, b["advantages"], b["mask"], LossSettings(loss_type="dapo"), num_items=0)
     with pytest.raises(ValueError, match="eps_low"):
-        grpo_loss(*args, b["advantages"], b["mask"], eps_low=1.0)
+        grpo_loss(*args, b["advantages"], b["mask"], LossSettings(eps_low=1.0))
+
+
+def frozen_loss_before_settings(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    ref_logp: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    beta: float,
+    eps_low: float,
+    eps_high: float,
+    loss_type: str,
+    max_len: int | None,
+    num_items: float | None,
+    is_weights: torch.Tensor | None,
+) -> torch.Tensor:
+    """A frozen copy of grpo_loss's arithmetic before LossSettings existed (commit 1d6bb08)."""
+    dtype = torch.promote_types(logp.dtype, torch.float32)
+    m = mask.bool()  # [N, T]
+    logp = logp.to(dtype)  # [N, T]
+    adv = advantages.detach().to(dtype).unsqueeze(1)  # [N, 1]
+    log_ratio = torch.where(m, logp - old_logp.detach().to(dtype), 0.0)  # [N, T]
+    ratio = torch.exp(log_ratio.clamp(max=20.0))  # [N, T]
+    clipped = ratio.clamp(1 - eps_low, 1 + eps_high)  # [N, T]
+    per_token = -torch.minimum(ratio * adv, clipped * adv)  # [N, T]
+    if is_weights is not None:
+        per_token = per_token * torch.where(m, is_weights.detach().to(dtype), 0.0)  # [N, T]
+    kl = torch.zeros_like(logp)  # [N, T]
+    if ref_logp is not None:
+        d = torch.where(m, ref_logp.detach().to(dtype) - logp, 0.0).clamp(max=20.0)  # [N, T]
+        kl = torch.exp(d) - d - 1  # [N, T]
+    if beta > 0:
+        per_token = per_token + beta * kl  # [N, T]
+    per_token = torch.where(m, per_token, 0.0)  # [N, T]
+    mf = m.to(dtype)  # [N, T]
+    row_sum, lengths = per_token.sum(dim=1), mf.sum(dim=1)  # [N], [N]
+    if loss_type == "grpo":
+        return (row_sum / lengths.clamp(min=1.0)).mean()
+    if loss_type == "bnpo":
+        return row_sum.sum() / lengths.sum().clamp(min=1.0)
+    if loss_type == "dapo":
+        if num_items is None:
+            return row_sum.sum() / lengths.sum().clamp(min=1.0)
+        return row_sum.sum() / num_items
+    return row_sum.sum() / (
+        per_token.shape[0] * (per_token.shape[1] if max_len is None else max_len)
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("loss_type", "beta", "eps_high", "use_w"), CASES)
+def test_defaults_are_bit_identical_to_the_formula_before_settings(
+    loss_type: str, beta: float, eps_high: float | None, use_w: bool, dtype: torch.dtype
+) -> None:
+    b = {k: v.to(dtype) for k, v in make_batch(seed=21, n=8, t=9, spread=0.5).items()}
+    w = b["is_weights"] if use_w else None
+    kw = {"beta": beta, "eps_low": 0.2, "loss_type": loss_type}
+    for max_len, num_items in [(None, None), (12, 61.0)]:
+        settings = LossSettings(**kw, eps_high=eps_high, max_completion_length=max_len)
+        logp = b["logp"].clone().requires_grad_(True)
+        args = (b["old_logp"], b["ref_logp"], b["advantages"], b["mask"])
+        loss, _ = grpo_loss(logp, *args, settings, num_items=num_items, is_weights=w)
+        (grad,) = torch.autograd.grad(loss, logp)
+        logp2 = b["logp"].clone().requires_grad_(True)
+        high = 0.2 if eps_high is None else eps_high
+        frozen = frozen_loss_before_settings(logp2, *args, **kw, eps_high=high, max_len=max_len,
+                                             num_items=num_items, is_weights=w)  # fmt: skip
+        (frozen_grad,) = torch.autograd.grad(frozen, logp2)
+        assert torch.equal(loss, frozen) and torch.equal(grad, frozen_grad)
