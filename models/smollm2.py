@@ -149,7 +149,7 @@ def _check_sha256(path: Path, expected: str, what: str) -> None:
     if actual != expected:
         raise _model_load_error(
             f"SmolLM2: {what} {path} has sha256 {actual}, expected {expected} "
-            f"(a corrupt or different file; delete it).\n{how_to_fetch()}"
+            f"(a corrupt or different file).\n{how_to_fetch()}"
         )
 
 
