@@ -7,10 +7,14 @@ Formats (docs/data_formats.md has one example of each):
 (c) JSONL  {"messages" | "query", "images": [paths], "solution"}     ms-swift
 (d) JSON/JSONL {"image", "conversations": [{"from": "human"}, {"from": "gpt"}]}  LLaVA/VLM-R1
 (e) Parquet with an image column of encoded bytes + problem/solution  Hugging Face datasets
+GSM8K      {"question", "answer": "reasoning...\n#### 72"}  (JSONL or Parquet)   openai/gsm8k
 
 How a path is read: a directory -> (b) (see `find_index_file`); `.txt`/`.tsv` -> (b) with that
 file as the index; `.jsonl` -> one JSON object per line, (a)/(c)/(d) told apart per record by
 its keys; `.json` -> a JSON array of such objects (or JSONL); `.parquet` -> (e).
+GSM8K is (a)'s text-only case whose "answer" ends with a `#### <number>` line: the solution is
+that number. The first record with an "answer" field decides, per file, whether the file is
+GSM8K (see `Gsm8kDetector`); a later record that disagrees is an error naming its line.
 
 Every sample is checked before training starts, images included (decoded fully, once). A bad
 record raises `DataError("file:line: what is wrong")` and stops the run; with `skip_bad=True`
@@ -21,7 +25,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +44,8 @@ PARQUET_QUERY_COLUMNS = ("problem", "question", "query")
 PARQUET_SOLUTION_COLUMNS = ("solution", "answer")
 INDEX_FILE_NAMES = ("labels.txt", "label.txt", "gt.txt")
 MAX_REPORTED = 5  # bad samples quoted in the skip warning / the "nothing valid" error
+GSM8K_MARKER = "####"
+_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")  # a GSM8K final answer once commas are removed
 
 Parsed = Sample | DataError  # what a reader yields per record; the caller decides what to do
 
@@ -127,6 +135,7 @@ def _read_records(path: Path) -> Iterator[Parsed]:
 def _read_jsonl(path: Path) -> Iterator[Parsed]:
     """One JSON object per line; blank lines are ignored. Lines split on b"\\n" only, since
     json.dumps(ensure_ascii=False) may leave U+2028 inside a string."""
+    gsm8k = Gsm8kDetector()
     for where, line in _text_lines(path):
         if isinstance(line, DataError):
             yield line
@@ -136,7 +145,7 @@ def _read_jsonl(path: Path) -> Iterator[Parsed]:
         except json.JSONDecodeError as e:
             yield DataError(f"{where}: malformed JSON: {e.msg} (column {e.colno})")
             continue
-        yield _parse_record(record, where, path.parent)
+        yield _parse_record(record, where, path.parent, gsm8k)
 
 
 def _text_lines(path: Path) -> Iterator[tuple[str, str | DataError]]:
@@ -162,6 +171,7 @@ def _read_json(path: Path) -> Iterator[Parsed]:
         yield from _read_jsonl(path)
         return
     decoder = json.JSONDecoder()
+    gsm8k = Gsm8kDetector()
     pos = text.index("[") + 1
     while True:
         pos = _skip_separators(text, pos)
@@ -173,7 +183,7 @@ def _read_json(path: Path) -> Iterator[Parsed]:
             record, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:  # cannot resynchronise inside an array: stop here
             raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from e
-        yield _parse_record(record, f"{path}:{_line_of(text, pos)}", path.parent)
+        yield _parse_record(record, f"{path}:{_line_of(text, pos)}", path.parent, gsm8k)
         pos = end
 
 
@@ -194,7 +204,7 @@ def _read_text(path: Path) -> str:
         raise DataError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from e
 
 
-def _parse_record(record: Any, where: str, base: Path) -> Parsed:
+def _parse_record(record: Any, where: str, base: Path, gsm8k: Gsm8kDetector) -> Parsed:
     """One JSON value -> Sample, or the DataError saying what is wrong with it."""
     if not isinstance(record, dict):
         return DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
@@ -203,27 +213,22 @@ def _parse_record(record: Any, where: str, base: Path) -> Parsed:
             return _from_conversations(record, where, base)
         if "messages" in record:
             return _from_messages(record, where, base)
-        return _from_flat(record, where, base)
+        return _from_flat(record, where, base, gsm8k)
     except DataError as e:
         return e
 
 
-def _from_flat(record: dict[str, Any], where: str, base: Path) -> Sample:
-    """(a) {"query", "response", "image_path"} and (c) {"query", "images", "solution"}."""
+def _from_flat(record: dict[str, Any], where: str, base: Path, gsm8k: Gsm8kDetector) -> Sample:
+    """(a) {"query", "response", "image_path"}, (c) {"query", "images", "solution"} and
+    GSM8K {"question", "answer"}."""
     query_key = _required_key(record, QUERY_KEYS, where)
     solution_key = _required_key(record, SOLUTION_KEYS, where)
     image_key = _image_key(record, where)
     images = _image_refs(record[image_key] if image_key else None, where, base)
     query = _query_text(record[query_key], len(images), where, query_key)
     used = {query_key, solution_key, image_key}
-    return _sample(
-        query,
-        _solution_text(record[solution_key], where, solution_key),
-        images,
-        record,
-        used,
-        where,
-    )
+    solution = gsm8k.solution(record[solution_key], where, solution_key)
+    return _sample(query, solution, images, record, used, where)
 
 
 def _from_messages(record: dict[str, Any], where: str, base: Path) -> Sample:
@@ -381,6 +386,53 @@ def _resolve(name: str, where: str, base: Path) -> Path:
     return path if path.is_absolute() else base / path
 
 
+@dataclass
+class Gsm8kDetector:
+    """Per file: are its records GSM8K's own, whose "answer" ends with '#### <number>'?
+
+    The first record with an "answer" field decides; every later one must agree. So a GSM8K
+    record that lost its '####' line is reported (file:line) instead of training on its whole
+    reasoning text as the gold, and a plain {"question", "answer": "42"} file still reads as
+    format (a).
+    """
+
+    first: str | None = None  # where the deciding record is
+    is_gsm8k: bool = False
+
+    def solution(self, value: Any, where: str, field: str) -> str:
+        """The solution text of `value` (a record's `field`): GSM8K's final number when the
+        file is GSM8K, else `value` as text."""
+        if field != "answer" or not isinstance(value, str):
+            return _solution_text(value, where, field)
+        has_marker = GSM8K_MARKER in value
+        if self.first is None:
+            self.first, self.is_gsm8k = where, has_marker
+        elif has_marker and not self.is_gsm8k:
+            raise DataError(
+                f"{where}: 'answer' has a GSM8K '{GSM8K_MARKER} <number>' line but the file's "
+                f"first record ({self.first}) has none; GSM8K files need one in every record"
+            )
+        elif not has_marker and self.is_gsm8k:
+            raise DataError(
+                f"{where}: GSM8K 'answer' without its final '{GSM8K_MARKER} <number>' line "
+                f"(the file is read as GSM8K because {self.first} has one)"
+            )
+        return gsm8k_final_number(value, where) if self.is_gsm8k else value
+
+
+def gsm8k_final_number(answer: str, where: str) -> str:
+    """'Natalia sold ... \n#### 1,234' -> '1234': the number after the last '####', thousands
+    commas removed; DataError when it is not a number."""
+    final = answer.rpartition(GSM8K_MARKER)[2].strip()
+    number = final.replace(",", "")
+    if not _NUMBER.fullmatch(number):
+        raise DataError(
+            f"{where}: GSM8K 'answer' must end with '{GSM8K_MARKER} <number>', "
+            f"got '{GSM8K_MARKER} {final[:40]}'"
+        )
+    return number
+
+
 # ---------------------------------------------------------------------------------------------
 # (b) folder + index file
 
@@ -454,6 +506,7 @@ def _read_parquet(path: Path) -> Iterator[Parsed]:
     query_col = _required_column(columns, PARQUET_QUERY_COLUMNS, path)
     solution_col = _required_column(columns, PARQUET_SOLUTION_COLUMNS, path)
     image_col = next((c for c in PARQUET_IMAGE_COLUMNS if c in columns), None)
+    gsm8k = Gsm8kDetector()  # openai/gsm8k's own Parquet files: question, answer
     row = 0
     for batch in table_file.iter_batches(batch_size=256):
         for record in batch.to_pylist():
@@ -461,7 +514,7 @@ def _read_parquet(path: Path) -> Iterator[Parsed]:
             row += 1
             try:
                 yield _parquet_sample(
-                    record, where, path.parent, query_col, solution_col, image_col
+                    record, where, path.parent, (query_col, solution_col, image_col), gsm8k
                 )
             except DataError as e:
                 yield e
@@ -471,13 +524,13 @@ def _parquet_sample(
     record: dict[str, Any],
     where: str,
     base: Path,
-    query_col: str,
-    solution_col: str,
-    image_col: str | None,
+    cols: tuple[str, str, str | None],  # query, solution, image (or None)
+    gsm8k: Gsm8kDetector,
 ) -> Sample:
+    query_col, solution_col, image_col = cols
     images = _image_refs(record[image_col] if image_col else None, where, base)
     query = _query_text(record[query_col], len(images), where, query_col)
-    solution = _solution_text(record[solution_col], where, solution_col)
+    solution = gsm8k.solution(record[solution_col], where, solution_col)
     used = {query_col, solution_col, image_col}
     return _sample(query, solution, images, record, used, where)
 

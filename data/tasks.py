@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data import synthetic_count, synthetic_ocr
+from data import synthetic_arith, synthetic_count, synthetic_ocr
 from data.sample import DataError, Sample
 
 QUERY_SLOT = "{query}"
@@ -205,7 +205,29 @@ GSM8K = Task(
     description="text-only grade-school math, final answer in \\boxed{}",
 )
 
-_TASKS: dict[str, Task] = {task.name: task for task in (OCR, MATH, COUNT, GSM8K)}
+# Text-only arithmetic for small chat models (SmolLM2-135M-Instruct on a CPU). Both rewards
+# read the number the completion ends with: `number` gives credit for a right last number
+# even without a box (the partial credit a 135M model needs to get any signal), and
+# `boxed_number` adds as much again when it is in \boxed{}. Evaluation accuracy is the main
+# (first) eval reward, `number`: the final boxed number, or else the last number, is right.
+ARITH = Task(
+    name="arith",
+    system_prompt=None,  # the model's own default system prompt (SmolLM2's template adds one)
+    train_template=QUERY_SLOT + "\nPut your final answer in \\boxed{}.",
+    eval_template=QUERY_SLOT + "\nPut your final answer in \\boxed{}.",
+    default_query="",
+    default_rewards="number:1.0,boxed_number:1.0",
+    eval_rewards="number:1.0,boxed_number:1.0",
+    description="text-only sums and differences of numbers up to 20 (built-in), \\boxed{} answer",
+    builtin=SyntheticData(
+        synthetic_arith.generate_arith_dataset,
+        version=synthetic_arith.GENERATOR_VERSION,
+        train=(512, 1),
+        eval=(128, 2),
+    ),
+)
+
+_TASKS: dict[str, Task] = {task.name: task for task in (OCR, MATH, COUNT, GSM8K, ARITH)}
 
 
 def available_tasks() -> list[str]:

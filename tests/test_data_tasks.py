@@ -19,9 +19,11 @@ def sample(query: str = "", n_images: int = 1) -> Sample:
 
 
 def test_registry():
-    assert available_tasks() == ["ocr", "math", "count", "gsm8k"]
+    assert available_tasks() == ["ocr", "math", "count", "gsm8k", "arith"]
     assert get_task("count").name == "count"
-    with pytest.raises(ValueError, match="unknown task 'ocrr'; available: ocr, math, count, gsm8k"):
+    with pytest.raises(
+        ValueError, match="unknown task 'ocrr'; available: ocr, math, count, gsm8k, arith"
+    ):
         get_task("ocrr")
 
 
