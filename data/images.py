@@ -80,13 +80,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """8-bit RGB with transparency composited on white and wide greyscale scaled down."""
     if image.mode in _WIDE_GREY_MODES or image.mode in ("I", "F"):
         return _wide_grey_to_8bit(image).convert("RGB")
-    if image.mode == "RGB":
-        return image
-    if image.has_transparency_data:
+    if image.has_transparency_data:  # also RGB and L with a tRNS colour key
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def _wide_grey_to_8bit(image: Image.Image) -> Image.Image:
