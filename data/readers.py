@@ -12,9 +12,11 @@ How a path is read: a directory -> (b) (see `find_index_file`); `.txt`/`.tsv` ->
 file as the index; `.jsonl` -> one JSON object per line, (a)/(c)/(d) told apart per record by
 its keys; `.json` -> a JSON array of such objects (or JSONL); `.parquet` -> (e).
 
-Every sample is checked before training starts, images included (decoded fully, once). A bad
-record raises `DataError("file:line: what is wrong")` and stops the run; with `skip_bad=True`
-bad records are dropped and one warning gives their count and the first few reasons.
+Every sample is checked before training starts, images included (decoded fully by the
+function training uses, in worker processes, with the result cached on disk per data file:
+data/validation.py). A bad record raises `DataError("file:line: what is wrong")` and stops the
+run; with `skip_bad=True` bad records are dropped and one warning gives their count and the
+first few reasons. An empty solution is a bad record unless `allow_empty_solution=True`.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import multiprocessing
 import os
 import tempfile
@@ -28,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from data.sample import DataError, ImageRef
+
+logger = logging.getLogger(__name__)
 
 RULES_VERSION = 1  # bump when data/images.py changes what passes or what it warns about
 CHUNK = 256  # images per task sent to a worker: big enough to amortise the pickling
@@ -160,16 +163,21 @@ class CheckCache:
 def cached_check_images(
     refs: list[ImageRef], data_file: Path, cache_dir: Path, workers: int | None = None
 ) -> tuple[list[Check], bool]:
-    """(checks, hit): `check_images` through the on-disk cache of `data_file`."""
+    """(checks, hit): `check_images` through the on-disk cache of `data_file`. A cache
+    directory that cannot be written costs the caching, not the run."""
     cache = CheckCache(cache_dir, data_file, refs)
-    with cache.locked():
-        key = cache.key()
-        checks = cache.load(key)
-        if checks is not None:
-            return checks, True
-        checks = check_images(refs, workers)
-        cache.store(key, checks)
-        return checks, False
+    try:
+        with cache.locked():
+            key = cache.key()
+            checks = cache.load(key)
+            if checks is not None:
+                return checks, True
+            checks = check_images(refs, workers)
+            cache.store(key, checks)
+            return checks, False
+    except OSError as e:
+        logger.warning("image-check cache %s unusable (%s); checking without it", cache.file, e)
+        return check_images(refs, workers), False
 
 
 def file_sha256(path: Path) -> str:

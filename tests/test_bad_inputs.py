@@ -368,3 +368,13 @@ def test_parquet_list_column_cells_and_a_bad_cell(tmp_path: Path) -> None:
     assert [len(s.images) for s in samples] == [2, 1]
     assert [s.images[-1].cell.row_group for s in samples] == [0, 1]
     assert samples[0].images[1].data == good
+
+
+def test_an_unusable_cache_directory_costs_only_the_cache(tmp_path, count_decodes, caplog) -> None:
+    data = image_set(tmp_path / "set")
+    not_a_dir = tmp_path / "cache"
+    not_a_dir.write_text("a file where the cache directory should be")
+    with caplog.at_level(logging.WARNING, logger="data.validation"):
+        samples = load_samples(data, skip_bad=True, workers=1, cache=not_a_dir)
+    assert len(samples) == 5 and len(count_decodes) == 6
+    assert "checking without it" in caplog.text
