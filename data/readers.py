@@ -95,7 +95,9 @@ def load_samples(
     return tally.samples
 
 
-def _checks(parsed: list[Parsed], path: Path, workers: int | None, cache: bool | str | Path):
+def _checks(
+    parsed: list[Parsed], path: Path, workers: int | None, cache: bool | str | Path
+) -> list[Check]:
     """Image checks of every parsed sample, through the on-disk cache when it is worth it."""
     refs = _refs(parsed)
     if cache is False or len(refs) < CACHE_MIN_IMAGES:

@@ -116,7 +116,11 @@ def note_once(message: str) -> None:
 
 def read_parquet_cell(cell: ParquetCell) -> bytes | None:
     """The encoded bytes of one cell: {"bytes", "path"} struct or plain binary."""
-    value = _row_group_column(cell.file, cell.row_group, cell.column)[cell.row]
+    stat = cell.file.stat()  # in the key: a rewritten file must not be served from memory
+    column = _row_group_column(
+        cell.file, stat.st_mtime_ns, stat.st_size, cell.row_group, cell.column
+    )
+    value = column[cell.row]
     if cell.item is not None:
         value = value[cell.item]
     if isinstance(value, dict):
@@ -125,7 +129,9 @@ def read_parquet_cell(cell: ParquetCell) -> bytes | None:
 
 
 @functools.lru_cache(maxsize=2)
-def _row_group_column(file: Path, row_group: int, column: str) -> list[Any]:
+def _row_group_column(
+    file: Path, mtime_ns: int, size: int, row_group: int, column: str
+) -> list[Any]:
     """One row group's image column. Parquet cannot read less than this; keeping the last two
     makes reading a row group's images in order cost one read, and bounds memory."""
     import pyarrow.parquet as pq  # only Parquet users pay for the import

@@ -378,3 +378,14 @@ def test_an_unusable_cache_directory_costs_only_the_cache(tmp_path, count_decode
         samples = load_samples(data, skip_bad=True, workers=1, cache=not_a_dir)
     assert len(samples) == 5 and len(count_decodes) == 6
     assert "checking without it" in caplog.text
+
+
+def test_a_rewritten_parquet_file_is_not_served_from_memory(tmp_path: Path) -> None:
+    path = tmp_path / "r.parquet"
+    pq.write_table(pa.table({"image": [png_bytes(1)], "problem": ["q"], "solution": ["a"]}), path)
+    (sample,) = load_samples(path, cache=False)
+    assert sample.images[0].data == png_bytes(1)
+    pq.write_table(pa.table({"image": [png_bytes(2)], "problem": ["q"], "solution": ["a"]}), path)
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert sample.images[0].data == png_bytes(2)
