@@ -9,8 +9,9 @@ Typical use:
 """
 
 from data.fonts import find_cjk_font, has_glyph, load_cjk_font
+from data.images import image_size_problem
 from data.readers import find_index_file, load_samples
-from data.sample import DataError, ImageRef, Sample
+from data.sample import DataError, ImageRef, ParquetCell, Sample
 from data.synthetic_count import generate_count_dataset
 from data.synthetic_ocr import generate_ocr_dataset
 from data.tasks import Task, available_tasks, get_task
@@ -18,6 +19,7 @@ from data.tasks import Task, available_tasks, get_task
 __all__ = [
     "DataError",
     "ImageRef",
+    "ParquetCell",
     "Sample",
     "Task",
     "available_tasks",
@@ -27,6 +29,7 @@ __all__ = [
     "generate_ocr_dataset",
     "get_task",
     "has_glyph",
+    "image_size_problem",
     "load_cjk_font",
     "load_samples",
 ]

@@ -16,9 +16,11 @@ GSM8K is (a)'s text-only case whose "answer" ends with a `#### <number>` line: t
 that number. The first record with an "answer" field decides, per file, whether the file is
 GSM8K (see `Gsm8kDetector`); a later record that disagrees is an error naming its line.
 
-Every sample is checked before training starts, images included (decoded fully, once). A bad
-record raises `DataError("file:line: what is wrong")` and stops the run; with `skip_bad=True`
-bad records are dropped and one warning gives their count and the first few reasons.
+Every sample is checked before training starts, images included (decoded fully by the
+function training uses, in worker processes, with the result cached on disk per data file:
+data/validation.py). A bad record raises `DataError("file:line: what is wrong")` and stops the
+run; with `skip_bad=True` bad records are dropped and one warning gives their count and the
+first few reasons. An empty solution is a bad record unless `allow_empty_solution=True`.
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from data.sample import DataError, ImageRef, Sample
+from data.sample import DataError, ImageRef, ParquetCell, Sample, note_once
+from data.validation import Check, cached_check_images, check_images, default_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -46,65 +50,161 @@ INDEX_FILE_NAMES = ("labels.txt", "label.txt", "gt.txt")
 MAX_REPORTED = 5  # bad samples quoted in the skip warning / the "nothing valid" error
 GSM8K_MARKER = "####"
 _NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")  # a GSM8K final answer once commas are removed
+CACHE_MIN_IMAGES = 256  # smaller sets decode in well under a second: no cache entry for them
+
+
+class EmptySolution(DataError):
+    """A record that parsed but whose solution is empty; carries the sample, which
+    load_samples keeps when allow_empty_solution is set."""
+
+    def __init__(self, message: str, sample: Sample) -> None:
+        super().__init__(message)
+        self.sample = sample
+
 
 Parsed = Sample | DataError  # what a reader yields per record; the caller decides what to do
 
 
 def load_samples(
-    path: str | Path, *, skip_bad: bool = False, limit: int | None = None
+    path: str | Path,
+    *,
+    skip_bad: bool = False,
+    limit: int | None = None,
+    allow_empty_solution: bool = False,
+    workers: int | None = None,
+    cache: bool | str | Path = True,
 ) -> list[Sample]:
     """Read and validate every sample of `path` (a data file or an OCR folder).
 
     limit:    stop after this many valid samples (records after them are not read or checked).
     skip_bad: drop bad records with one logged warning instead of raising on the first.
+    allow_empty_solution: accept an empty/whitespace-only solution with one warning (for
+              evaluation); by default it is a bad record, since a reward comparing against ""
+              pays for an empty answer.
+    workers:  processes decoding images (None: CPU count, at most 8; 1: this process only).
+    cache:    where the image checks are cached: True -> data.validation.default_cache_dir(),
+              a directory, or False for none. Only used without `limit`, for sets of at
+              least CACHE_MIN_IMAGES images.
     Raises DataError for a missing/empty/unreadable file, a bad record (unless skip_bad), or
     when no valid sample remains.
     """
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1 or None, got {limit}")
     path = Path(path)
-    samples: list[Sample] = []
-    bad: list[DataError] = []
-    seen = 0
-    for parsed in _read_records(path):
-        seen += 1
-        checked = _check_images(parsed) if isinstance(parsed, Sample) else parsed
-        if isinstance(checked, DataError):
-            if not skip_bad:
-                raise checked
-            bad.append(checked)
-            continue
-        samples.append(checked)
-        if limit is not None and len(samples) >= limit:
-            break
-    if seen == 0:
-        raise DataError(f"{path}: no samples: the file is empty")
-    if not samples:
-        raise DataError(f"{path}: no valid samples, all {seen} are bad; first:\n{_quote(bad)}")
-    if bad:
-        logger.warning(
-            "%s: skipped %d bad sample(s) of %d read; first %d:\n%s",
-            path,
-            len(bad),
-            seen,
-            min(len(bad), MAX_REPORTED),
-            _quote(bad),
-        )
-    return samples
+    tally = _Tally(allow_empty_solution, skip_bad, limit)
+    records = _read_records(path)
+    if limit is None:
+        parsed = list(records)
+        tally.take(parsed, _checks(parsed, path, workers, cache))
+    else:  # read only as many records as may still be needed: later ones stay unread
+        while not tally.full() and (block := list(islice(records, limit - len(tally.samples)))):
+            tally.take(block, check_images(_refs(block), workers))
+    tally.report(path)
+    return tally.samples
+
+
+def _checks(
+    parsed: list[Parsed], path: Path, workers: int | None, cache: bool | str | Path
+) -> list[Check]:
+    """Image checks of every parsed sample, through the on-disk cache when it is worth it."""
+    refs = _refs(parsed)
+    if cache is False or len(refs) < CACHE_MIN_IMAGES:
+        return check_images(refs, workers)
+    directory = default_cache_dir() if cache is True else Path(cache)
+    data_file = find_index_file(path) if path.is_dir() else path
+    checks, hit = cached_check_images(refs, data_file, directory, workers)
+    logger.info("%s: image checks %s", path, "read from the cache" if hit else "computed")
+    return checks
+
+
+def _refs(parsed: list[Parsed]) -> list[ImageRef]:
+    """Every image of every record that parsed (an empty-solution record counts: it may be
+    allowed), in order: the order of `check_images`' results."""
+    return [ref for item in parsed if (s := _parsed_sample(item)) is not None for ref in s.images]
+
+
+def _parsed_sample(item: Parsed) -> Sample | None:
+    if isinstance(item, Sample):
+        return item
+    return item.sample if isinstance(item, EmptySolution) else None
+
+
+class _Tally:
+    """The samples kept, the bad records and the empty solutions seen so far."""
+
+    def __init__(self, allow_empty: bool, skip_bad: bool, limit: int | None) -> None:
+        self.allow_empty, self.skip_bad, self.limit = allow_empty, skip_bad, limit
+        self.samples: list[Sample] = []
+        self.bad: list[DataError] = []
+        self.empty: list[str] = []
+        self.seen = 0
+
+    def full(self) -> bool:
+        return self.limit is not None and len(self.samples) >= self.limit
+
+    def take(self, parsed: list[Parsed], checks: list[Check]) -> None:
+        """Judge records in order; `checks` are the image checks of `_refs(parsed)`."""
+        pending = iter(checks)
+        for item in parsed:
+            if self.full():
+                return
+            self.seen += 1
+            sample = _parsed_sample(item)
+            if sample is None:
+                error: DataError | None = item  # type: ignore[assignment]
+            else:
+                image_checks = [next(pending) for _ in sample.images]
+                error = _image_error(sample, image_checks)
+                if error is None and isinstance(item, EmptySolution) and not self.allow_empty:
+                    error = item
+            if error is not None:
+                if not self.skip_bad:
+                    raise error
+                self.bad.append(error)
+                continue
+            for ref, (_, notes) in zip(sample.images, image_checks, strict=True):
+                for note in notes:
+                    note_once(f"{ref.where}: {note}")
+            if isinstance(item, EmptySolution):
+                self.empty.append(sample.where)
+            self.samples.append(sample)
+
+    def report(self, path: Path) -> None:
+        """Raise if nothing is usable; else one warning each for skipped and empty ones."""
+        if self.seen == 0:
+            raise DataError(f"{path}: no samples: the file is empty")
+        if not self.samples:
+            raise DataError(
+                f"{path}: no valid samples, all {self.seen} are bad; first:\n{_quote(self.bad)}"
+            )
+        if self.bad:
+            logger.warning(
+                "%s: skipped %d bad sample(s) of %d read; first %d:\n%s",
+                path,
+                len(self.bad),
+                self.seen,
+                min(len(self.bad), MAX_REPORTED),
+                _quote(self.bad),
+            )
+        if self.empty:
+            logger.warning(
+                "%s: loaded %d sample(s) with an empty solution (allow_empty_solution); first: %s",
+                path,
+                len(self.empty),
+                ", ".join(self.empty[:MAX_REPORTED]),
+            )
+
+
+def _image_error(sample: Sample, checks: list[Check]) -> DataError | None:
+    """The DataError of the sample's first bad image, or None."""
+    for ref, (problem, _) in zip(sample.images, checks, strict=True):
+        if problem is not None:
+            return DataError(f"{ref.where}: {problem}")
+    return None
 
 
 def _quote(errors: list[DataError]) -> str:
     return "\n".join(f"  {e}" for e in errors[:MAX_REPORTED])
-
-
-def _check_images(sample: Sample) -> Parsed:
-    """The sample itself if every image decodes, else the DataError of the first that fails."""
-    try:
-        for ref in sample.images:
-            ref.open()
-    except DataError as e:
-        return e
-    return sample
 
 
 def _read_records(path: Path) -> Iterator[Parsed]:
@@ -228,7 +328,7 @@ def _from_flat(record: dict[str, Any], where: str, base: Path, gsm8k: Gsm8kDetec
     query = _query_text(record[query_key], len(images), where, query_key)
     used = {query_key, solution_key, image_key}
     solution = gsm8k.solution(record[solution_key], where, solution_key)
-    return _sample(query, solution, images, record, used, where)
+    return _sample(query, solution, images, record, used, where, solution_key)
 
 
 def _from_messages(record: dict[str, Any], where: str, base: Path) -> Sample:
@@ -241,16 +341,18 @@ def _from_messages(record: dict[str, Any], where: str, base: Path) -> Sample:
     if not users:
         raise DataError(f"{where}: field 'messages' has no message with role 'user'")
     assistants = [m for m in messages if m.get("role") == "assistant"]
+    field = "solution" if record.get("solution") is not None else "assistant content"
     if record.get("solution") is not None:
-        solution = _solution_text(record["solution"], where, "solution")
+        solution = _solution_text(record["solution"], where, field)
     elif assistants:
-        solution = _content_text(assistants[-1].get("content"), where, "assistant content")
+        solution = _content_text(assistants[-1].get("content"), where, field)
     else:
         raise DataError(f"{where}: missing field 'solution' (and no assistant message)")
     images = _image_refs(record.get("images"), where, base)
     query = _content_text(users[-1].get("content"), where, "user content")
     query = _query_text(query, len(images), where, "messages")
-    return _sample(query, solution, images, record, {"messages", "solution", "images"}, where)
+    used = {"messages", "solution", "images"}
+    return _sample(query, solution, images, record, used, where, field)
 
 
 def _from_conversations(record: dict[str, Any], where: str, base: Path) -> Sample:
@@ -264,17 +366,18 @@ def _from_conversations(record: dict[str, Any], where: str, base: Path) -> Sampl
     if human is None:
         raise DataError(f"{where}: field 'conversations' has no turn from 'human'")
     gpt = next((i for i, s in enumerate(speakers) if i > human and s in ("gpt", "assistant")), None)
+    field = "solution" if record.get("solution") is not None else "gpt value"
     if record.get("solution") is not None:
-        solution = _solution_text(record["solution"], where, "solution")
+        solution = _solution_text(record["solution"], where, field)
     elif gpt is not None:
-        solution = _solution_text(turns[gpt].get("value"), where, "gpt value")
+        solution = _solution_text(turns[gpt].get("value"), where, field)
     else:
         raise DataError(f"{where}: field 'conversations' has no 'gpt' turn after the human turn")
     image_key = _image_key(record, where)
     images = _image_refs(record[image_key] if image_key else None, where, base)
     query = _query_text(turns[human].get("value"), len(images), where, "human value")
     used = {"conversations", "solution", image_key}
-    return _sample(query, solution, images, record, used, where)
+    return _sample(query, solution, images, record, used, where, field)
 
 
 def _sample(
@@ -284,12 +387,24 @@ def _sample(
     record: dict[str, Any],
     used: set[str | None],
     where: str,
+    solution_field: str,
 ) -> Sample:
-    """Build the Sample; every field of `record` not consumed goes to `columns`."""
+    """Build the Sample; every field of `record` not consumed goes to `columns`.
+    An empty solution raises EmptySolution (load_samples decides whether it is allowed)."""
     if not query and not images:
         raise DataError(f"{where}: empty query and no image: nothing to ask")
     columns = {k: v for k, v in record.items() if k not in used}
-    return Sample(query=query, solution=solution, images=images, columns=columns, where=where)
+    sample = Sample(query=query, solution=solution, images=images, columns=columns, where=where)
+    if not solution.strip():
+        raise EmptySolution(_empty_message(where, f"field {solution_field!r} is empty"), sample)
+    return sample
+
+
+def _empty_message(where: str, what: str) -> str:
+    return (
+        f"{where}: {what}: an empty solution makes a reward pay for an empty answer "
+        "(skip_bad_samples drops it; evaluation may load it with allow_empty_solution)"
+    )
 
 
 def _required_key(record: dict[str, Any], keys: tuple[str, ...], where: str) -> str:
@@ -483,10 +598,11 @@ def _index_sample(line: str, where: str, base: Path) -> Sample:
         raise DataError(f"{where}: malformed line, expected 'image_name<TAB>text': {line[:60]!r}")
     if not name.strip():
         raise DataError(f"{where}: missing image name before the TAB")
-    if not label.strip():
-        raise DataError(f"{where}: missing text label after the TAB")
     image = ImageRef(where=where, path=_resolve(name.strip(), where, base))
-    return Sample(query="", solution=label.strip(), images=[image], columns={}, where=where)
+    sample = Sample(query="", solution=label.strip(), images=[image], columns={}, where=where)
+    if not label.strip():
+        raise EmptySolution(_empty_message(where, "missing text label after the TAB"), sample)
+    return sample
 
 
 # ---------------------------------------------------------------------------------------------
@@ -494,7 +610,11 @@ def _index_sample(line: str, where: str, base: Path) -> Sample:
 
 
 def _read_parquet(path: Path) -> Iterator[Parsed]:
-    """Rows of an HF-style Parquet file; rows are numbered from 0 like `dataset[i]`."""
+    """Rows of an HF-style Parquet file; rows are numbered from 0 like `dataset[i]`.
+
+    Read one row group at a time, and embedded images are kept as ParquetCells (file, row
+    group, row), not bytes: memory holds one row group, whatever the size of the file.
+    """
     import pyarrow as pa  # imported here: only Parquet users pay for it
     import pyarrow.parquet as pq
 
@@ -507,32 +627,60 @@ def _read_parquet(path: Path) -> Iterator[Parsed]:
     solution_col = _required_column(columns, PARQUET_SOLUTION_COLUMNS, path)
     image_col = next((c for c in PARQUET_IMAGE_COLUMNS if c in columns), None)
     gsm8k = Gsm8kDetector()  # openai/gsm8k's own Parquet files: question, answer
+    cols = _ParquetColumns(query_col, solution_col, image_col)
     row = 0
-    for batch in table_file.iter_batches(batch_size=256):
-        for record in batch.to_pylist():
+    for group in range(table_file.num_row_groups):
+        records = table_file.read_row_group(group).to_pylist()
+        for in_group, record in enumerate(records):
             where = f"{path}:row {row}"
             row += 1
             try:
-                yield _parquet_sample(
-                    record, where, path.parent, (query_col, solution_col, image_col), gsm8k
-                )
+                yield _parquet_sample(record, where, path, cols, (group, in_group), gsm8k)
             except DataError as e:
                 yield e
+
+
+class _ParquetColumns:
+    """Which columns of a Parquet file hold the query, the solution and the images."""
+
+    def __init__(self, query: str, solution: str, image: str | None) -> None:
+        self.query, self.solution, self.image = query, solution, image
 
 
 def _parquet_sample(
     record: dict[str, Any],
     where: str,
-    base: Path,
-    cols: tuple[str, str, str | None],  # query, solution, image (or None)
+    path: Path,
+    cols: _ParquetColumns,
+    position: tuple[int, int],  # (row group, row in it)
     gsm8k: Gsm8kDetector,
 ) -> Sample:
-    query_col, solution_col, image_col = cols
-    images = _image_refs(record[image_col] if image_col else None, where, base)
-    query = _query_text(record[query_col], len(images), where, query_col)
-    solution = gsm8k.solution(record[solution_col], where, solution_col)
-    used = {query_col, solution_col, image_col}
-    return _sample(query, solution, images, record, used, where)
+    images = _parquet_images(record, where, path, cols.image, *position)
+    query = _query_text(record[cols.query], len(images), where, cols.query)
+    solution = gsm8k.solution(record[cols.solution], where, cols.solution)
+    used = {cols.query, cols.solution, cols.image}
+    return _sample(query, solution, images, record, used, where, cols.solution)
+
+
+def _parquet_images(
+    record: dict[str, Any], where: str, path: Path, column: str | None, group: int, row: int
+) -> list[ImageRef]:
+    """Image cells of one row: embedded bytes become ParquetCells, paths stay paths."""
+    value = record[column] if column else None
+    if value is None:
+        return []
+    listed = isinstance(value, list)
+    refs = []
+    for i, item in enumerate(value if listed else [value]):
+        embedded = isinstance(item, bytes | bytearray) or (
+            isinstance(item, dict) and item.get("bytes") is not None
+        )
+        if embedded:
+            cell = ParquetCell(path, group, row, column, i if listed else None)  # type: ignore[arg-type]
+            refs.append(ImageRef(where=where, cell=cell))
+        else:
+            refs.append(_image_ref(item, where, path.parent))
+    return refs
 
 
 def _required_column(columns: list[str], names: tuple[str, ...], path: Path) -> str:

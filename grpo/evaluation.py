@@ -225,7 +225,12 @@ def evaluate(settings: EvalSettings, backend: ModelBackend) -> EvalReport:
         load_plugin(plugin)
     specs = reward_specs(task, settings.rewards)
     data_path = settings.data or str(task.default_data(cache_root() / "data", "eval"))
-    samples = load_samples(data_path, skip_bad=settings.skip_bad_samples, limit=settings.limit)
+    samples = load_samples(
+        data_path,
+        skip_bad=settings.skip_bad_samples,
+        limit=settings.limit,
+        allow_empty_solution=True,
+    )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     settings = replace(settings, sampler=choose_sampler(settings.sampler))
     generator = Generator(backend, settings)

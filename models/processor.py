@@ -14,6 +14,7 @@ from typing import Any
 from PIL import Image
 
 import models.cpu_compat  # noqa: F401  (must precede transformers' image code)
+from data.images import image_size_problem  # the one size rule, shared with data validation
 
 PATCH_FACTOR = 28  # patch_size 14 x spatial_merge_size 2
 DEFAULT_MIN_PIXELS = 4 * 28 * 28
@@ -25,7 +26,10 @@ def fitted_size(height: int, width: int, min_pixels: int, max_pixels: int) -> tu
 
     Aspect ratio is kept as closely as rounding allows. Uses qwen-vl-utils' smart_resize
     when it imports (the rule Qwen's own tooling applies), our equivalent otherwise.
+    Raises ValueError for a size that rule rejects (data.images.image_size_problem).
     """
+    if (problem := image_size_problem(width, height)) is not None:
+        raise ValueError(problem)
     try:
         from qwen_vl_utils import smart_resize
     except Exception:  # qwen-vl-utils needs torchvision; the rule itself does not
@@ -44,8 +48,8 @@ def fitted_size(height: int, width: int, min_pixels: int, max_pixels: int) -> tu
 
 def _smart_resize(height: int, width: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
     """qwen-vl-utils' smart_resize rule, for when that package cannot be imported."""
-    if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"aspect ratio of a {width}x{height} image exceeds 200")
+    if (problem := image_size_problem(width, height)) is not None:
+        raise ValueError(problem)
     h = max(PATCH_FACTOR, round(height / PATCH_FACTOR) * PATCH_FACTOR)
     w = max(PATCH_FACTOR, round(width / PATCH_FACTOR) * PATCH_FACTOR)
     if h * w > max_pixels:

@@ -16,7 +16,7 @@ that AutoModelForCausalLM, AutoTokenizer and vLLM load with from_pretrained. It 
    <|endoftext|> instead of the eos <|im_end|>, and the chat template also accepts the
    list-of-parts message content that data.tasks produces.
 
-Cache layout (root: models.cache.cache_root(), i.e. $VLGRPO_CACHE if set):
+Cache layout (root: data.cache.cache_root(), i.e. $VLGRPO_CACHE if set):
 
     <root>/smollm2-135m-instruct-v<SMOLLM2_VERSION>/
         config.json  generation_config.json  model.safetensors  (538 MB, float32)
@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import models.cpu_compat  # noqa: F401  (transformers' GGUF path imports its image code)
-from models.cache import build_once, cache_root
+from data.cache import build_once, cache_root
 
 SMOLLM2_VERSION = 1  # bump when the conversion changes, so stale caches are not reused
 
