@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from grpo.loss import LossSettings
+from grpo.sampler_correction import CorrectionSettings
 from grpo.types import PolicySettings, SamplerSettings, SamplingSettings
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -57,6 +58,26 @@ class TrainConfig:
     advantage_eps: float = 1e-4
     mask_truncated_completions: bool = False
     skip_zero_std_groups: bool = False  # drop groups whose rewards are all equal from the loss
+    reward_aggregation: str = "sum"  # sum | normalize_then_sum (GDPO)
+    dynamic_sampling: bool = False  # DAPO: draw prompts until every group has reward spread
+    dynamic_sampling_max_draws: int = 8  # generation rounds per batch before giving up
+    overlong_buffer: int | None = None  # the `overlong` reward's L_cache (None: L_max // 5)
+    # loss variants (grpo/loss.py LossSettings; docs/algorithm.md section 6)
+    importance_sampling_level: str = "token"  # token | sequence (GSPO) | sequence_token
+    policy_loss: str = "ppo"  # ppo | cispo | sapo
+    delta: float | None = None  # INTELLECT-2 two-sided clip (> 1 + epsilon_high)
+    clip_ratio_c: float | None = None  # dual-clip PPO bound (> 1)
+    sapo_tau_pos: float = 1.0
+    sapo_tau_neg: float = 1.05
+    kl_estimator: str = "k3"  # k1 | k2 | k3 | low_var_kl
+    kl_in_reward: bool = False  # subtract beta * KL from the rewards instead of the loss term
+    entropy_coef: float = 0.0
+    top_entropy_quantile: float = 1.0  # < 1: only the top-rho entropy tokens train
+    # sampler/trainer mismatch (grpo/sampler_correction.py)
+    is_mode: str | None = None  # token_truncate | token_mask | sequence_truncate | sequence_mask
+    is_lower: float | None = None
+    is_upper: float | None = None
+    off_policy_delta: float | None = None  # DeepSeek-V3.2 off-policy sequence masking
     # sampling
     sampler: str = "hf"  # hf | vllm
     temperature: float = 1.0
@@ -64,7 +85,7 @@ class TrainConfig:
     top_k: int = 0
     max_completion_length: int = 1024
     max_prompt_length: int | None = None  # longer prompts are an error, never cut
-    importance_sampling_cap: float | None = None  # truncated IS correction (vLLM sampler)
+    importance_sampling_cap: float | None = None  # shorthand: is_mode token_truncate, this cap
     vllm_gpu_memory_utilization: float = 0.3
     vllm_max_model_len: int = 4096
     vllm_sync: str = "merged"  # merged | adapter
@@ -132,7 +153,24 @@ class TrainConfig:
             eps_low=self.epsilon_low,
             eps_high=self.epsilon_high,
             max_completion_length=self.max_completion_length,
+            importance_sampling_level=self.importance_sampling_level,
+            policy_loss=self.policy_loss,
+            delta=self.delta,
+            clip_ratio_c=self.clip_ratio_c,
+            sapo_tau_pos=self.sapo_tau_pos,
+            sapo_tau_neg=self.sapo_tau_neg,
+            kl_estimator=self.kl_estimator,
+            kl_in_reward=self.kl_in_reward,
+            entropy_coef=self.entropy_coef,
+            top_entropy_quantile=self.top_entropy_quantile,
         )
+
+    def correction_settings(self) -> CorrectionSettings:
+        """--importance-sampling-cap C is --is-mode token_truncate --is-upper C."""
+        mode, upper = self.is_mode, self.is_upper
+        if mode is None and self.importance_sampling_cap is not None:
+            mode, upper = "token_truncate", self.importance_sampling_cap
+        return CorrectionSettings(mode, self.is_lower, upper, self.off_policy_delta)
 
 
 def _field_type(f: dataclasses.Field) -> Any:

@@ -23,6 +23,7 @@ scale the policy term only, and a token of weight 0 still counts in the loss nor
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -201,3 +202,50 @@ def mismatch_stats(
         if diff.numel() == 0:
             return {"logp_diff_mean": 0.0, "logp_diff_max": 0.0}
         return {"logp_diff_mean": diff.mean().item(), "logp_diff_max": diff.max().item()}
+
+
+@dataclass(frozen=True)
+class CorrectionSettings:
+    """Which sampler/trainer corrections the loss applies (all off by default).
+
+    is_mode: one of IS_MODES, or None for no importance weights; is_lower / is_upper: its
+    bounds (upper required when a mode is set). off_policy_delta: DeepSeek-V3.2's masking of
+    A < 0 sequences whose mean log-ratio to the sampler exceeds it (None: off).
+    """
+
+    is_mode: str | None = None
+    is_lower: float | None = None
+    is_upper: float | None = None
+    off_policy_delta: float | None = None
+
+
+def correction_weights(
+    trainer_logp: torch.Tensor,
+    policy_logp: torch.Tensor,
+    sampler_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    settings: CorrectionSettings,
+) -> tuple[torch.Tensor | None, dict[str, float]]:
+    """The per-token coefficients [N, T] the loss's policy term is multiplied by (None: no
+    correction) and the metrics of every rule, for one batch.
+
+    trainer_logp: the old policy's log-probs (the importance ratio's numerator); policy_logp:
+    the current policy's (the off-policy mask's); sampler_logp [N, T] (NaN = not scored);
+    advantages [N]; mask [N, T].
+    """
+    stats = mismatch_stats(trainer_logp, sampler_logp, mask)
+    weights = None
+    if settings.is_mode is not None:
+        weights, metrics = importance_weights(
+            trainer_logp, sampler_logp, mask, settings.is_mode, settings.is_lower, settings.is_upper
+        )
+        stats.update({k: float(v) for k, v in metrics.items()})
+    if settings.off_policy_delta is not None:
+        keep, metrics = off_policy_sequence_mask(
+            policy_logp, sampler_logp, advantages, mask, settings.off_policy_delta
+        )
+        kept = keep[:, None].to(torch.float32) * mask.to(torch.float32)  # [N, T]
+        weights = kept if weights is None else weights * kept
+        stats.update({k: float(v) for k, v in metrics.items()})
+    return weights, stats

@@ -32,7 +32,7 @@ from grpo.data_stream import PromptStream, StreamPosition
 from grpo.loss import LossSettings, grpo_loss
 from grpo.metrics import MetricsLogger, Stopwatch, mean_of, plot_rewards, reduce_metrics
 from grpo.rollout import check_prompt_lengths, rollout_metrics, rows_with_signal, task_prompts
-from grpo.sampler_correction import importance_weights, pad_sampler_logprobs
+from grpo.sampler_correction import CorrectionSettings, correction_weights, pad_sampler_logprobs
 from grpo.types import ModelBackend, Policy, RolloutBatch, Sampler
 from rewards import load_plugin, parse_reward_spec
 from rewards.compute import sample_columns, score_completions
@@ -182,8 +182,8 @@ def loss_and_backward(
     policy: Policy,
     trajectory: Trajectory,
     settings: LossSettings,
+    correction: CorrectionSettings,
     temperature: float,
-    importance_sampling_cap: float | None,
     num_items: float,
     scale: float,
 ) -> dict[str, float]:
@@ -193,8 +193,8 @@ def loss_and_backward(
     )
     old_logp = trajectory.old_logp if trajectory.old_logp is not None else out.logp.detach()
     mask = trajectory.loss_mask  # [n, T]
-    is_weights, mismatch = importance_weights(
-        old_logp, trajectory.sampler_logp, mask, importance_sampling_cap
+    is_weights, mismatch = correction_weights(
+        old_logp, out.logp, trajectory.sampler_logp, trajectory.advantages, mask, correction
     )
     loss, stats = grpo_loss(
         out.logp,
@@ -205,6 +205,7 @@ def loss_and_backward(
         settings,
         num_items=num_items,
         is_weights=is_weights,
+        entropy=out.entropy,
     )
     (loss * scale).backward()
     entropy = float((out.entropy * mask).sum() / mask.sum().clamp(min=1))
@@ -253,8 +254,8 @@ def update(
             policy,
             t,
             settings,
+            config.correction_settings(),
             config.temperature,
-            config.importance_sampling_cap,
             num_items,
             scale,
         )
