@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ from typing import Any
 import yaml
 
 from grpo.loss import LossSettings
-from grpo.sampler_correction import CorrectionSettings
+from grpo.sampler_correction import IS_MODES, CorrectionSettings
 from grpo.types import PolicySettings, SamplerSettings, SamplingSettings
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -173,13 +175,21 @@ class TrainConfig:
         return CorrectionSettings(mode, self.is_lower, upper, self.off_policy_delta)
 
 
-def _field_type(f: dataclasses.Field) -> Any:
-    """The non-None type of a field (`int | None` -> int), and whether it is a list."""
-    hint = typing.get_type_hints(TrainConfig)[f.name]
+class ConfigError(ValueError):
+    """A setting with the wrong type or out of range; the message names field, value, rule."""
+
+
+def _hint(name: str) -> tuple[Any, bool]:
+    """The non-None type of a field (`int | None` -> int) and whether None is allowed."""
+    hint = typing.get_type_hints(TrainConfig)[name]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        hint = args[0]
-    return hint
+        return args[0], True
+    return hint, False
+
+
+def _field_type(f: dataclasses.Field) -> Any:
+    return _hint(f.name)[0]
 
 
 def _parse_bool(text: str) -> bool:
@@ -190,10 +200,74 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+def _coerce_scalar(kind: type, value: Any) -> Any:
+    """`value` as `kind`, or raise TypeError/ValueError. Strings are parsed because PyYAML
+    reads `1e-5` (no dot) as a string; a bool is never taken for a number."""
+    if kind is bool:
+        return value if isinstance(value, bool) else _parse_bool(_as_text(value))
+    if isinstance(value, bool):
+        raise TypeError("a boolean")
+    if kind is int:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value if isinstance(value, int) else int(_as_text(value))
+    if kind is float:
+        return float(value) if isinstance(value, int | float) else float(_as_text(value))
+    return _as_text(value)  # str
+
+
+def _type_name(name: str) -> str:
+    kind, optional = _hint(name)
+    text = "a list of strings" if typing.get_origin(kind) is list else f"a {kind.__name__}"
+    return text + (" or null" if optional else "")
+
+
+def _has_type(name: str, value: Any) -> bool:
+    """Whether `value` already is of the field's type (an int passes for a float)."""
+    kind, optional = _hint(name)
+    if value is None:
+        return optional
+    if typing.get_origin(kind) is list:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if kind is bool or isinstance(value, bool):
+        return kind is bool and isinstance(value, bool)
+    return isinstance(value, (int, float) if kind is float else kind)
+
+
+def _as_text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(type(value).__name__)
+    return value
+
+
+def coerce(name: str, value: Any, source: str = "config") -> Any:
+    """One setting converted to its TrainConfig type; ConfigError naming it if it cannot be."""
+    kind, optional = _hint(name)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{source}: {name}=None: a value is required")
+    try:
+        if typing.get_origin(kind) is list:
+            items = [value] if isinstance(value, str) else value  # one plugin: a bare string
+            if not isinstance(items, list | tuple):
+                raise TypeError(type(value).__name__)
+            return [_coerce_scalar(typing.get_args(kind)[0], v) for v in items]
+        return _coerce_scalar(kind, value)
+    except (TypeError, ValueError, argparse.ArgumentTypeError):
+        raise ConfigError(f"{source}: {name}={value!r}: expected {_type_name(name)}") from None
+
+
+def coerce_all(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """A whole mapping of settings (a YAML file's) checked for unknown keys and coerced."""
+    _check_keys(values, source)
+    return {name: coerce(name, value, source) for name, value in values.items()}
+
+
 def _check_keys(values: dict, source: str) -> None:
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     if unknown := sorted(set(values) - known):
-        raise ValueError(f"{source}: unknown config field(s) {unknown}")
+        raise ConfigError(f"{source}: unknown config field(s) {unknown}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -211,44 +285,119 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of config fields, got {values!r:.60}")
+    return coerce_all(values, str(path))
+
+
 def load_config(argv: list[str] | None = None) -> TrainConfig:
     """Defaults < configs/<task>.yaml < --config file < command-line flags."""
     args = vars(build_parser().parse_args(argv))
     config_file = args.pop("config")
     flags = {k: v for k, v in args.items() if v is not None}
-    from_file: dict = {}
-    if config_file:
-        from_file = yaml.safe_load(Path(config_file).read_text()) or {}
-        _check_keys(from_file, config_file)
+    from_file = _read_yaml(Path(config_file)) if config_file else {}
     task = flags.get("task", from_file.get("task", TrainConfig.task))
-    preset: dict = {}
-    if (PRESET_DIR / f"{task}.yaml").is_file():
-        preset = yaml.safe_load((PRESET_DIR / f"{task}.yaml").read_text()) or {}
-        _check_keys(preset, str(PRESET_DIR / f"{task}.yaml"))
+    preset_file = PRESET_DIR / f"{task}.yaml"
+    preset = _read_yaml(preset_file) if preset_file.is_file() else {}
     config = TrainConfig(**{**preset, **from_file, **flags})
     validate(config)
     return config
 
 
+CHOICES: dict[str, tuple[str, ...]] = {
+    "scale_rewards": ("group", "batch", "none"),
+    "lr_scheduler": ("cosine", "linear", "constant"),
+    "sampler": ("hf", "vllm"),
+    "vllm_sync": ("merged", "adapter"),
+    "reward_aggregation": ("sum", "normalize_then_sum"),
+    "is_mode": (*IS_MODES, None),
+}  # loss_type, policy_loss, kl_estimator, importance_sampling_level: LossSettings checks them
+
+# (field, rule, allowed text); None values of optional fields are not checked
+RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
+    *[(n, lambda v: v >= 1, ">= 1") for n in (
+        "max_steps", "prompts_per_step", "gradient_accumulation_steps", "num_iterations",
+        "max_completion_length", "max_prompt_length", "dynamic_sampling_max_draws", "lora_r",
+        "logprob_chunk_tokens", "vllm_max_model_len", "min_pixels", "max_pixels",
+    )],
+    ("num_generations", lambda v: v >= 2, ">= 2 (advantages compare completions of a group)"),
+    *[(n, lambda v: v >= 0, ">= 0") for n in (
+        "warmup_steps", "top_k", "weight_decay", "save_steps", "log_completions_steps",
+        "overlong_buffer", "advantage_eps", "entropy_coef", "off_policy_delta",
+        "save_total_limit",
+    )],
+    *[(n, lambda v: v > 0, "> 0") for n in (
+        "learning_rate", "temperature", "max_grad_norm", "lora_alpha", "is_upper", "is_lower",
+        "importance_sampling_cap",
+    )],
+    *[(n, lambda v: 0 <= v < 1, "in [0, 1)") for n in ("adam_beta1", "adam_beta2")],
+    *[(n, lambda v: 0 < v <= 1, "in (0, 1]") for n in ("top_p", "vllm_gpu_memory_utilization")],
+]  # fmt: skip
+
+
 def validate(config: TrainConfig) -> None:
-    """Reject settings that would fail later or train on nonsense."""
-    choices = {
-        "loss_type": ("grpo", "bnpo", "dapo", "dr_grpo"),
-        "scale_rewards": ("group", "batch", "none"),
-        "lr_scheduler": ("cosine", "linear", "constant"),
-        "sampler": ("hf", "vllm"),
-        "vllm_sync": ("merged", "adapter"),
-    }
-    for name, allowed in choices.items():
-        if getattr(config, name) not in allowed:
-            raise ValueError(f"{name}={getattr(config, name)!r}: expected one of {allowed}")
-    if config.num_generations < 2:
-        raise ValueError("num_generations must be >= 2: advantages compare completions of a group")
-    for name in ("max_steps", "prompts_per_step", "gradient_accumulation_steps", "num_iterations"):
-        if getattr(config, name) < 1:
-            raise ValueError(f"{name} must be >= 1")
-    if config.temperature <= 0:
-        raise ValueError("temperature must be > 0 for sampling")
+    """Reject settings that would fail later or train on nonsense: every field's type, then
+    choices and ranges. Raises ConfigError naming the field, its value and what is allowed."""
+    for f in dataclasses.fields(TrainConfig):  # a TrainConfig built in code skips coercion
+        value = getattr(config, f.name)
+        if not _has_type(f.name, value):
+            raise ConfigError(f"{f.name}={value!r}: expected {_type_name(f.name)}")
+    for name, allowed in CHOICES.items():
+        if (value := getattr(config, name)) not in allowed:
+            raise ConfigError(f"{name}={value!r}: expected one of {allowed}")
+    for name, rule, allowed in RANGES:
+        value = getattr(config, name)
+        if value is not None and not (math.isfinite(value) and rule(value)):
+            raise ConfigError(f"{name}={value!r}: must be {allowed}")
+    if None not in (config.min_pixels, config.max_pixels) and config.min_pixels > config.max_pixels:
+        raise ConfigError(
+            f"min_pixels={config.min_pixels} > max_pixels={config.max_pixels}: need min <= max"
+        )
+    _validate_corrections(config)
+    try:  # the loss variants' own rules (grpo/loss.py), so they live in one place
+        config.loss_settings()
+    except ValueError as e:  # LossSettings says eps_*, the config calls them epsilon_*
+        message = str(e).replace("eps_low", "epsilon_low").replace("eps_high", "epsilon_high")
+        raise ConfigError(f"loss settings: {message}") from None
+
+
+def _validate_corrections(config: TrainConfig) -> None:
+    c = config.correction_settings()
+    if c.is_mode is not None and c.is_upper is None:
+        raise ConfigError(f"is_mode={c.is_mode!r} needs is_upper (the weight cap)")
+    if None not in (c.is_lower, c.is_upper) and c.is_lower > c.is_upper:
+        raise ConfigError(f"is_lower={c.is_lower} > is_upper={c.is_upper}: need lower <= upper")
+
+
+def check_inputs(config: TrainConfig, default_rewards: str) -> list[tuple[str, float]]:
+    """The files and names a run needs, before any model loads: the data path, the reward
+    plugins (imported: they register rewards) and every reward named. Returns the specs."""
+    from rewards import get_reward, load_plugin, parse_reward_spec
+
+    if config.data is not None and not Path(config.data).exists():
+        raise ConfigError(f"data={config.data!r}: no such file or directory")
+    for plugin in config.reward_plugin:
+        if not Path(plugin).is_file():
+            raise ConfigError(f"reward_plugin={plugin!r}: no such file")
+        load_plugin(plugin)
+    spec = config.rewards or default_rewards
+    try:
+        specs = parse_reward_spec(spec)
+        for name, _ in specs:
+            get_reward(name)
+    except (KeyError, ValueError, TypeError) as e:
+        message = e.args[0] if isinstance(e, KeyError) else str(e)
+        raise ConfigError(f"rewards={spec!r}: {message}") from None
+    return specs
 
 
 def to_yaml(config: TrainConfig) -> str:
