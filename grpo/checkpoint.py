@@ -6,6 +6,11 @@ Layout of `run_dir/checkpoint-<step>/`:
     trainer_state.pt     optimizer, LR scheduler, step, data position
     rng-rank<r>.pt       every rank's RNG states (python, torch, CUDA)
     run.json             base model, task and the resolved config (what evaluate.py reads)
+    manifest.json        size and sha256 of every other file, written last
+
+The .pt files hold only tensors, numbers, strings, lists and dicts, and are read with
+`torch.load(weights_only=True)`: a checkpoint is data, and one whose pickle asks to build any
+other object is refused (unpickling it could run code). Python's RNG state is stored as lists.
 
 `resolve_source` turns what evaluate.py is given (--ckpt, --model) into what to load:
 - a checkpoint-N directory (adapter/ + run.json): the base model named in run.json (or
@@ -17,14 +22,19 @@ Layout of `run_dir/checkpoint-<step>/`:
 A checkpoint is written into a hidden `.checkpoint-<step>.tmp` directory and renamed into place
 when complete: rename is atomic, so a kill during a save leaves no `checkpoint-<step>` that
 looks complete but is not, and only complete checkpoints are ever found by `latest_checkpoint`.
+The manifest catches what rename cannot: a file damaged afterwards (a full disk, a bad copy);
+`latest_valid_checkpoint` skips such a checkpoint, with a warning naming it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import pickle
 import random
 import re
 import shutil
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -60,18 +70,84 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+MANIFEST = "manifest.json"
+
+
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    """This process's RNG states in types `torch.load(weights_only=True)` reads."""
+    version, internal, gauss = random.getstate()
+    state = {
+        "python": {"version": version, "state": list(internal), "gauss_next": gauss},
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """manifest.json: {relative path: {size, sha256}} of every file below `directory`."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    entries = {
+        str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in files
+    }
+    (directory / MANIFEST).write_text(json.dumps(entries, indent=1))
+
+
+def manifest_problem(directory: Path) -> str | None:
+    """Why `directory` fails its manifest (a missing, resized or changed file), or None."""
+    try:
+        entries = json.loads((directory / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return f"no readable {MANIFEST}"
+    for name, entry in entries.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != entry["size"]:
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {entry['size']}"
+        if _sha256(path) != entry["sha256"]:
+            return f"{name} does not match its sha256 in the manifest"
+    return None
+
+
+def latest_valid_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint that passes its manifest; a warning for each newer one that fails."""
+    for _, path in reversed(checkpoint_steps(run_dir)):
+        problem = manifest_problem(path)
+        if problem is None:
+            return path
+        warnings.warn(f"skipping checkpoint {path}: {problem}", stacklevel=2)
+    return None
+
+
+def safe_load(path: Path) -> Any:
+    """torch.load of data only: a pickle that would build any other object is refused."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path}: refused, it holds more than plain data and loading it could run code "
+            f"({first})"
+        ) from None
 
 
 def save_checkpoint(
@@ -95,6 +171,7 @@ def save_checkpoint(
     torch.save(rng_state(), tmp / f"rng-rank{distributed.get_rank()}.pt")
     distributed.barrier()
     if distributed.is_main_process():
+        write_manifest(tmp)  # last: a manifest vouches for files that are all there
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         _rotate(run_dir, keep)
@@ -111,16 +188,20 @@ def _rotate(run_dir: Path, keep: int | None) -> None:
 
 
 def load_checkpoint(path: Path, policy: Policy) -> dict[str, Any]:
-    """Load the trained weights into `policy` and this rank's RNG; return the trainer state."""
-    policy.load_trainable(path / "adapter")
+    """Load the trained weights into `policy` and this rank's RNG; return the trainer state.
+
+    Both state files are read before anything changes, so a refused one leaves all as it was.
+    """
     rng_file = path / f"rng-rank{distributed.get_rank()}.pt"
     if not rng_file.is_file():
         raise RuntimeError(
             f"{path}: no RNG state for rank {distributed.get_rank()} "
             "(resumed with a different number of processes?)"
         )
-    set_rng_state(torch.load(rng_file, weights_only=False))
-    return torch.load(path / "trainer_state.pt", weights_only=False)
+    state, rng = safe_load(path / "trainer_state.pt"), safe_load(rng_file)
+    policy.load_trainable(path / "adapter")
+    set_rng_state(rng)
+    return state
 
 
 def read_run_info(path: Path) -> dict[str, Any]:
