@@ -124,6 +124,30 @@ class MetricsLogger:
             self.writer.close()
 
 
+def cut_logs_back(run_dir: Path, step: int) -> None:
+    """Keep only the lines of metrics.jsonl and completions.jsonl up to `step`.
+
+    A run killed after logging steps its last checkpoint does not hold redoes them on resume;
+    without this they would appear twice. A line cut short by the kill is dropped too. Each
+    file is replaced by rename, so a kill here leaves the old file or the new one.
+    """
+    for name in ("metrics.jsonl", "completions.jsonl"):
+        path = run_dir / name
+        if not path.is_file():
+            continue
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines() if _upto(line, step)]
+        tmp = path.with_name(f".{name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        tmp.replace(path)
+
+
+def _upto(line: str, step: int) -> bool:
+    try:
+        return json.loads(line)["step"] <= step
+    except (ValueError, KeyError, TypeError):  # torn by a kill, or not a record
+        return False
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, float]]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
