@@ -13,7 +13,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-from collections.abc import Callable
+import shutil
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,15 +28,26 @@ from data.sample import Sample
 from data.tasks import Task
 from grpo import distributed
 from grpo.advantages import combine_rewards, group_advantages
-from grpo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from grpo.config import TrainConfig, to_yaml
+from grpo.checkpoint import (
+    latest_checkpoint,
+    latest_valid_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from grpo.config import TrainConfig, check_inputs, to_yaml, validate
 from grpo.data_stream import PromptStream, StreamPosition
 from grpo.loss import LossSettings, grpo_loss
-from grpo.metrics import MetricsLogger, Stopwatch, mean_of, plot_rewards, reduce_metrics
+from grpo.metrics import (
+    MetricsLogger,
+    Stopwatch,
+    cut_logs_back,
+    mean_of,
+    plot_rewards,
+    reduce_metrics,
+)
 from grpo.rollout import check_prompt_lengths, rollout_metrics, rows_with_signal, task_prompts
 from grpo.sampler_correction import CorrectionSettings, correction_weights, pad_sampler_logprobs
 from grpo.types import ModelBackend, Policy, RolloutBatch, Sampler
-from rewards import load_plugin, parse_reward_spec
 from rewards.compute import sample_columns, score_completions
 
 
@@ -355,24 +368,62 @@ def lr_lambda(config: TrainConfig, total_updates: int) -> Callable[[int], float]
     return factor
 
 
-def prepare_run_dir(config: TrainConfig) -> Path:
-    """Create the run dir; refuse to mix a new run into an old one unless asked."""
-    import shutil
+# A run being replaced by --overwrite waits beside the new one until the new one's first
+# checkpoint; the new run dir names it in this file (present <=> not yet saved).
+REPLACES = ".replaces"
 
+
+def check_run_dir(config: TrainConfig) -> None:
+    """Refuse, before anything loads, to mix a new run into an old one or to resume nothing."""
     run_dir = config.run_dir
-    if distributed.is_main_process():
-        has_old = latest_checkpoint(run_dir) is not None or (run_dir / "metrics.jsonl").exists()
-        if has_old and not config.resume:
-            if not config.overwrite:
-                raise FileExistsError(
-                    f"{run_dir} already holds a run: pass --resume to continue it, --overwrite "
-                    "to replace it, or --output-dir for a new one"
-                )
-            shutil.rmtree(run_dir)
+    if config.resume:
+        if latest_valid_checkpoint(run_dir) is None:
+            raise FileNotFoundError(f"--resume: no usable checkpoint in {run_dir}")
+    elif _holds_run(run_dir) and not config.overwrite:
+        raise FileExistsError(
+            f"{run_dir} already holds a run: pass --resume to continue it, --overwrite "
+            "to replace it, or --output-dir for a new one"
+        )
+
+
+def _holds_run(run_dir: Path) -> bool:
+    return latest_checkpoint(run_dir) is not None or (run_dir / "metrics.jsonl").exists()
+
+
+def prepare_run_dir(config: TrainConfig) -> Path:
+    """Create the run dir. --overwrite moves the old run aside, not away (`REPLACES`);
+    --resume writes nothing here (its flags are recorded once the resume has succeeded)."""
+    check_run_dir(config)
+    run_dir = config.run_dir
+    if distributed.is_main_process() and not config.resume:
+        if (run_dir / REPLACES).is_file():  # an earlier replacement died before saving
+            shutil.rmtree(run_dir)  # the run it replaces is still aside; keep that one
+        elif _holds_run(run_dir):
+            aside = run_dir.parent / f".{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+            run_dir.rename(aside)
+            run_dir.mkdir(parents=True)
+            (run_dir / REPLACES).write_text(str(aside))
+            print(f"--overwrite: the old run waits in {aside} until the first checkpoint")
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(config), encoding="utf-8")
     distributed.barrier()
     return run_dir
+
+
+def settle_overwrite(run_dir: Path, succeeded: bool) -> None:
+    """After the new run's first checkpoint, delete the run it replaces; if it failed before
+    that, put the old run back exactly as it was."""
+    pointer = run_dir / REPLACES
+    if not distributed.is_main_process() or not pointer.is_file():
+        return
+    aside = Path(pointer.read_text())
+    if succeeded:
+        shutil.rmtree(aside, ignore_errors=True)
+        pointer.unlink()
+    elif aside.is_dir():
+        shutil.rmtree(run_dir)
+        aside.rename(run_dir)
+        print(f"--overwrite: the new run failed before its first checkpoint; {run_dir} restored")
 
 
 def load_policy(backend: ModelBackend, config: TrainConfig, device: torch.device) -> Policy:
@@ -386,11 +437,12 @@ def load_policy(backend: ModelBackend, config: TrainConfig, device: torch.device
 def build_trainer(
     config: TrainConfig, info: distributed.DistInfo, backend: ModelBackend
 ) -> Trainer:
-    seed_everything(config.seed)  # same LoRA init and data order on every rank
+    """Check every setting, file and name first; then load data and model; then the run dir."""
+    validate(config)
     task = get_task(config.task)
-    for plugin in config.reward_plugin:
-        load_plugin(plugin)
-    reward_specs = parse_reward_spec(config.rewards or task.default_rewards)
+    reward_specs = check_inputs(config, task.default_rewards)
+    check_run_dir(config)  # before minutes of loading, not after
+    seed_everything(config.seed)  # same LoRA init and data order on every rank
     path = config.data or task.default_data(cache_root() / "data", "train")
     samples = load_samples(path, skip_bad=config.skip_bad_samples)
     policy = load_policy(backend, config, info.device)
@@ -432,16 +484,27 @@ def run_info(trainer: Trainer) -> dict[str, Any]:
 
 
 def resume(trainer: Trainer) -> None:
-    """Continue from the latest checkpoint of the run dir, as if never stopped."""
-    checkpoint = latest_checkpoint(trainer.config.run_dir)
+    """Continue from the newest valid checkpoint of the run dir, as if never stopped.
+
+    A checkpoint failing its manifest is skipped with a warning. The logs are cut back to the
+    resumed step, so no step appears twice; config.yaml stays that of the run, and this
+    start's settings go beside it as config.resume-<step>.yaml.
+    """
+    run_dir = trainer.config.run_dir
+    checkpoint = latest_valid_checkpoint(run_dir)
     if checkpoint is None:
-        raise FileNotFoundError(f"--resume: no checkpoint in {trainer.config.run_dir}")
+        raise FileNotFoundError(f"--resume: no usable checkpoint in {run_dir}")
     state = load_checkpoint(checkpoint, trainer.policy)
     trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.scheduler.load_state_dict(state["scheduler"])
     trainer.stream.position = StreamPosition(**state["data_position"])
     trainer.step = state["step"]
     trainer.sampler.sync_weights(trainer.policy)
+    if distributed.is_main_process():
+        cut_logs_back(run_dir, trainer.step)
+        record = run_dir / f"config.resume-{trainer.step}.yaml"
+        record.write_text(to_yaml(trainer.config), encoding="utf-8")
+    distributed.barrier()
 
 
 def save(trainer: Trainer) -> Path:
@@ -475,16 +538,39 @@ def log_step(trainer: Trainer, metrics: dict[str, float], records: list[dict[str
 
 
 def train(config: TrainConfig, backend: ModelBackend) -> Path:
-    """Run the whole training; returns the run directory."""
+    """Run the whole training; returns the run directory.
+
+    With --overwrite the old run is deleted only after the new run's first checkpoint, and
+    put back if anything fails before that (`settle_overwrite`).
+    """
+    saved = False
+    try:
+        trainer = build_trainer(config, distributed.init_distributed(), backend)
+        if config.resume:
+            resume(trainer)
+        if distributed.is_main_process():
+            print(to_yaml(config))
+        for _ in run_steps(trainer):
+            if not saved:
+                settle_overwrite(config.run_dir, succeeded=True)
+            saved = True
+    except BaseException:  # Ctrl-C too: the old run must come back
+        if not saved and config.overwrite:
+            settle_overwrite(config.run_dir, succeeded=False)
+        raise
+    if distributed.is_main_process():
+        plot_rewards(trainer.logger.run_dir)
+    trainer.logger.close()
+    trainer.sampler.close()  # before the process group goes: vLLM's teardown uses it
+    return config.run_dir
+
+
+def run_steps(trainer: Trainer) -> Iterator[Path]:
+    """The loop: step, log, and every save_steps (and always at the end) a checkpoint, which
+    it yields."""
     from tqdm import tqdm
 
-    info = distributed.init_distributed()
-    trainer = build_trainer(config, info, backend)
-    if config.resume:
-        resume(trainer)
-    main = distributed.is_main_process()
-    if main:
-        print(to_yaml(config))
+    config, main = trainer.config, distributed.is_main_process()
     bar = tqdm(total=config.max_steps, initial=trainer.step, disable=not main, desc="GRPO")
     while trainer.step < config.max_steps:
         metrics, records = train_step(trainer)
@@ -492,13 +578,7 @@ def train(config: TrainConfig, backend: ModelBackend) -> Path:
         log_step(trainer, metrics, records)
         bar.update(1)
         bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics.get('kl', 0):.4f}")
-        if config.save_steps and (
-            trainer.step % config.save_steps == 0 or trainer.step == config.max_steps
-        ):
-            save(trainer)
+        every = config.save_steps  # 0: only the final checkpoint
+        if trainer.step == config.max_steps or (every and trainer.step % every == 0):
+            yield save(trainer)
     bar.close()
-    if main:
-        plot_rewards(trainer.logger.run_dir)
-    trainer.logger.close()
-    trainer.sampler.close()  # before the process group goes: vLLM's teardown uses it
-    return config.run_dir
