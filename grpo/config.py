@@ -103,7 +103,7 @@ class TrainConfig:
     max_pixels: int | None = None
     logprob_chunk_tokens: int = 1024
     # checkpoints and logging
-    save_steps: int = 50
+    save_steps: int = 50  # 0: only the final checkpoint (the final one is always saved)
     save_total_limit: int | None = 3
     resume: bool = False
     overwrite: bool = False  # replace an existing run in output_dir
@@ -362,12 +362,21 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(
             f"min_pixels={config.min_pixels} > max_pixels={config.max_pixels}: need min <= max"
         )
+    if config.dtype is not None and not _is_float_dtype(config.dtype):
+        raise ConfigError(f"dtype={config.dtype!r}: expected a torch float type, e.g. bfloat16")
     _validate_corrections(config)
     try:  # the loss variants' own rules (grpo/loss.py), so they live in one place
         config.loss_settings()
     except ValueError as e:  # LossSettings says eps_*, the config calls them epsilon_*
         message = str(e).replace("eps_low", "epsilon_low").replace("eps_high", "epsilon_high")
         raise ConfigError(f"loss settings: {message}") from None
+
+
+def _is_float_dtype(name: str) -> bool:
+    import torch  # the policy reads dtype as getattr(torch, name)
+
+    dtype = getattr(torch, name, None)
+    return isinstance(dtype, torch.dtype) and dtype.is_floating_point
 
 
 def _validate_corrections(config: TrainConfig) -> None:

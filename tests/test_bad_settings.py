@@ -107,6 +107,7 @@ def test_a_value_of_the_wrong_type_names_field_value_and_file(
         ({"reward_aggregation": "max"}, ["reward_aggregation", "normalize_then_sum"]),
         ({"sampler": "sglang"}, ["sampler", "vllm"]),
         ({"reward_plugin": "p.py"}, ["reward_plugin", "list of strings"]),
+        ({"dtype": "bf16"}, ["dtype", "'bf16'", "bfloat16"]),
         ({"learning_rate": "1e-5"}, ["learning_rate", "'1e-5'", "float"]),
     ],
 )
