@@ -90,3 +90,21 @@ def rollout_metrics(
         metrics[f"reward/{name}_mean"] = float(scored.mean()) if scored.numel() else float("nan")
         metrics[f"reward/{name}_std"] = float(scored.std()) if scored.numel() > 1 else 0.0
     return metrics
+
+
+def completion_records(
+    samples: list[Sample], texts: list[str], rewards: torch.Tensor, advantages: torch.Tensor
+) -> list[dict[str, Any]]:
+    """One log record per completion [N]: where its prompt came from, the gold, the text, its
+    reward and advantage."""
+    group_size = len(texts) // len(samples)
+    return [
+        {
+            "where": samples[i // group_size].where,
+            "solution": samples[i // group_size].solution,
+            "completion": text,
+            "reward": float(rewards[i]),
+            "advantage": float(advantages[i]),
+        }
+        for i, text in enumerate(texts)
+    ]

@@ -15,6 +15,7 @@ import math
 import random
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,12 @@ from data.cache import cache_root
 from data.sample import Sample
 from data.tasks import Task
 from grpo import distributed
-from grpo.advantages import combine_rewards, group_advantages
+from grpo.advantages import (
+    aggregate_rewards,
+    group_advantages,
+    informative_groups,
+    kl_penalized_rewards,
+)
 from grpo.checkpoint import (
     latest_checkpoint,
     latest_valid_checkpoint,
@@ -36,7 +42,7 @@ from grpo.checkpoint import (
 )
 from grpo.config import TrainConfig, check_inputs, to_yaml, validate
 from grpo.data_stream import PromptStream, StreamPosition
-from grpo.loss import LossSettings, grpo_loss
+from grpo.loss import LossSettings, grpo_loss, kl_estimate
 from grpo.metrics import (
     MetricsLogger,
     Stopwatch,
@@ -45,9 +51,15 @@ from grpo.metrics import (
     plot_rewards,
     reduce_metrics,
 )
-from grpo.rollout import check_prompt_lengths, rollout_metrics, rows_with_signal, task_prompts
+from grpo.rollout import (
+    check_prompt_lengths,
+    completion_records,
+    rollout_metrics,
+    rows_with_signal,
+    task_prompts,
+)
 from grpo.sampler_correction import CorrectionSettings, correction_weights, pad_sampler_logprobs
-from grpo.types import ModelBackend, Policy, RolloutBatch, Sampler
+from grpo.types import ModelBackend, Policy, PromptInput, Rollout, RolloutBatch, Sampler
 from rewards.compute import sample_columns, score_completions
 
 
@@ -102,36 +114,130 @@ class Trainer:
 # --------------------------------------------------------------------------------------------
 
 
-def score(
-    specs: list[tuple[str, float]], texts: list[str], samples: list[Sample], group_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-function rewards [N, K], combined reward [N]; NaN = no function applies)."""
-    columns, where = sample_columns(samples, group_size)
-    per_function, weights = score_completions(specs, texts, columns, where)
-    return per_function, combine_rewards(per_function, weights)
+@dataclass
+class Groups:
+    """P prompts with their G completions each (N = P * G rows, group-major), scored."""
+
+    samples: list[Sample]
+    prompts: list[PromptInput]
+    rollout: Rollout
+    texts: list[str]  # [N] decoded completions
+    per_function: torch.Tensor  # [N, K] each reward function's score (NaN = not applicable)
+    weights: torch.Tensor  # [K] the reward weights
+    draws: int = 1  # generation rounds it took (dynamic sampling)
+
+    def select(self, prompts: list[int]) -> Groups:
+        """The groups of the prompts `prompts`, in that order."""
+        g = len(self.texts) // len(self.samples)
+        rows = [j * g + k for j in prompts for k in range(g)]
+        rollout = Rollout(
+            [self.rollout.completion_ids[r] for r in rows], [self.rollout.logprobs[r] for r in rows]
+        )
+        pick = [self.samples[j] for j in prompts], [self.prompts[j] for j in prompts]
+        texts = [self.texts[r] for r in rows]
+        return Groups(*pick, rollout, texts, self.per_function[rows], self.weights, self.draws)
 
 
-def completion_records(
-    samples: list[Sample], texts: list[str], rewards: torch.Tensor, advantages: torch.Tensor
-) -> list[dict[str, Any]]:
-    group_size = len(texts) // len(samples)
-    return [
-        {
-            "where": samples[i // group_size].where,
-            "solution": samples[i // group_size].solution,
-            "completion": text,
-            "reward": float(rewards[i]),
-            "advantage": float(advantages[i]),
-        }
-        for i, text in enumerate(texts)
-    ]
+def merge_groups(parts: list[Groups], draws: int) -> Groups:
+    """One Groups of several draws' groups, in order."""
+    rollout = Rollout(
+        [ids for p in parts for ids in p.rollout.completion_ids],
+        [lps for p in parts for lps in p.rollout.logprobs],
+    )
+    samples = [s for p in parts for s in p.samples]
+    prompts = [q for p in parts for q in p.prompts]
+    texts = [t for p in parts for t in p.texts]
+    per_function = torch.cat([p.per_function for p in parts])  # [N, K]
+    return Groups(samples, prompts, rollout, texts, per_function, parts[0].weights, draws)
+
+
+def reward_inputs(
+    samples: list[Sample], rollout: Rollout, config: TrainConfig
+) -> tuple[dict[str, list], list[str]]:
+    """The reward functions' columns for N rows: each sample's fields repeated G times, and
+    the completion's length in tokens with the length limits (the `overlong` reward's)."""
+    columns, where = sample_columns(samples, config.num_generations)
+    n = len(rollout.completion_ids)
+    columns["completion_length"] = [len(ids) for ids in rollout.completion_ids]
+    columns["max_completion_length"] = [config.max_completion_length] * n
+    if config.overlong_buffer is not None:
+        columns["overlong_buffer"] = [config.overlong_buffer] * n
+    return columns, where
+
+
+def sample_groups(
+    policy: Policy,
+    sampler: Sampler,
+    task: Task,
+    samples: list[Sample],
+    specs: list[tuple[str, float]],
+    config: TrainConfig,
+) -> Groups:
+    """G completions for each of the samples' prompts, and every reward function's score."""
+    prompts = task_prompts(policy, task, samples)
+    lengths = policy.prompt_lengths(policy.encode(prompts))
+    check_prompt_lengths(samples, lengths, config.max_prompt_length)
+    rollout = sampler.generate(prompts, config.num_generations, config.sampling_settings())
+    texts = policy.decode(rollout.completion_ids)
+    columns, where = reward_inputs(samples, rollout, config)
+    per_function, weights = score_completions(specs, texts, columns, where)  # [N, K], [K]
+    return Groups(samples, prompts, rollout, texts, per_function, weights)
+
+
+def combined_rewards(groups: Groups, config: TrainConfig) -> torch.Tensor:
+    """r_i [N] from the per-function scores (sum, or GDPO's normalise-then-sum)."""
+    return aggregate_rewards(
+        groups.per_function,
+        groups.weights,
+        config.num_generations,
+        config.reward_aggregation,
+        config.advantage_eps,
+    )
+
+
+def draw_groups(
+    policy: Policy,
+    sampler: Sampler,
+    task: Task,
+    stream: PromptStream[Sample],
+    specs: list[tuple[str, float]],
+    config: TrainConfig,
+) -> Groups:
+    """Steps 1-2 for P = prompts_per_step prompts. With dynamic sampling (DAPO, arXiv:2503.14476)
+    prompts are drawn until P groups have a spread of rewards (the others have advantage 0 and
+    teach nothing), at most dynamic_sampling_max_draws rounds; every rank draws as many rounds
+    as the slowest, so the prompt stream stays in step."""
+    p = config.prompts_per_step
+    if not config.dynamic_sampling:
+        return sample_groups(policy, sampler, task, stream.next_batch(p), specs, config)
+    kept: list[Groups] = []
+    draws, count = 0, 0
+    while True:
+        draws += 1
+        groups = sample_groups(policy, sampler, task, stream.next_batch(p), specs, config)
+        spread = informative_groups(combined_rewards(groups, config), config.num_generations)
+        chosen = spread.nonzero().flatten().tolist()[: p - count]
+        kept.append(groups.select(chosen))
+        count += len(chosen)
+        missing = distributed.all_reduce_sum(torch.tensor(float(p - count)))
+        if float(missing) == 0 or draws >= config.dynamic_sampling_max_draws:
+            break
+    if count < p:  # the bound was hit: fill with groups that teach nothing, and say so
+        warnings.warn(
+            f"dynamic sampling: {count} of {p} groups with reward spread after {draws} draws "
+            "(dynamic_sampling_max_draws); the rest of the batch has zero advantage",
+            stacklevel=2,
+        )
+        flat = [j for j in range(p) if not bool(spread[j])][: p - count]
+        kept.append(groups.select(flat))
+    return merge_groups(kept, draws)
 
 
 def collect(
     policy: Policy,
     sampler: Sampler,
     task: Task,
-    samples: list[Sample],
+    stream: PromptStream[Sample],
     specs: list[tuple[str, float]],
     config: TrainConfig,
     timer: Stopwatch,
@@ -140,36 +246,61 @@ def collect(
     the log-probs that stay fixed while the policy is updated."""
     g = config.num_generations
     with timer("sample"):
-        prompts = task_prompts(policy, task, samples)
-        prompt_batch = policy.encode(prompts)
-        check_prompt_lengths(samples, policy.prompt_lengths(prompt_batch), config.max_prompt_length)
-        rollout = sampler.generate(prompts, g, config.sampling_settings())
+        groups = draw_groups(policy, sampler, task, stream, specs, config)
+    prompt_batch = policy.encode(groups.prompts)
+    batch = policy.rollout_batch(prompt_batch, groups.rollout.completion_ids, g)
+    features = policy.image_features(prompt_batch)
+    sampler_logp = pad_sampler_logprobs(groups.rollout.logprobs, batch.completion_mask.shape[1])
+    trajectory = Trajectory(batch, torch.empty(0), features, sampler_logp)  # [N, T]
     with timer("reward"):
-        texts = policy.decode(rollout.completion_ids)
-        per_function, rewards = score(specs, texts, samples, g)  # [N, K], [N]
+        rewards = combined_rewards(groups, config)  # [N]
+    if config.kl_in_reward:  # the reference pass must come first: it changes the rewards
+        with timer("logprobs"):
+            add_fixed_logprobs(policy, trajectory, config)
+            rewards = kl_in_rewards(policy, rewards, trajectory, config)
+    with timer("reward"):
         advantages = group_advantages(rewards, g, config.scale_rewards, config.advantage_eps)
-
-    batch = policy.rollout_batch(prompt_batch, rollout.completion_ids, g)
-    width = batch.completion_mask.shape[1]
-    sampler_logp = pad_sampler_logprobs(rollout.logprobs, width)  # [N, T]
-    metrics = rollout_metrics(per_function, rewards, advantages, batch, specs, g)
-    records = completion_records(samples, texts, rewards, advantages)
+    trajectory.metrics = rollout_metrics(groups.per_function, rewards, advantages, batch, specs, g)
+    trajectory.metrics["dynamic_sampling_draws"] = float(groups.draws)
+    trajectory.records = completion_records(groups.samples, groups.texts, rewards, advantages)
 
     keep = rows_with_signal(config, rewards, batch.truncated)  # the n rows with signal
+    trajectory.advantages = advantages.to(policy.device, torch.float32)  # [N]
     if len(keep) < batch.num_rows:
-        batch, advantages, sampler_logp = batch.select(keep), advantages[keep], sampler_logp[keep]
-    trajectory = Trajectory(
-        batch,
-        advantages.to(policy.device, torch.float32),  # [n]
-        policy.image_features(prompt_batch) if keep else None,
-        sampler_logp.to(batch.completion_mask.device),  # [n, T]
-        metrics=metrics,
-        records=records,
-    )
-    if keep:
+        keep_rows(trajectory, keep)
+    trajectory.sampler_logp = trajectory.sampler_logp.to(batch.completion_mask.device)
+    if not keep:
+        trajectory.image_features = None  # no forward will run on this rank
+    elif not config.kl_in_reward:
         with timer("logprobs"):
             add_fixed_logprobs(policy, trajectory, config)
     return trajectory
+
+
+def kl_in_rewards(
+    policy: Policy, rewards: torch.Tensor, trajectory: Trajectory, config: TrainConfig
+) -> torch.Tensor:
+    """r_i - beta * sum_t kl_t [N] (kl of the sampling policy against the reference)."""
+    mask = trajectory.batch.completion_mask  # [N, T]
+    sampled = trajectory.old_logp  # [N, T] (mu > 1)
+    if sampled is None:  # mu = 1: the sampling policy is the current one
+        with torch.no_grad():
+            sampled = policy.logprobs(
+                trajectory.batch, config.temperature, image_features=trajectory.image_features
+            ).logp
+    kl = kl_estimate(sampled, trajectory.ref_logp, mask, config.kl_estimator)  # [N, T]
+    return kl_penalized_rewards(rewards, kl.cpu(), mask.cpu(), config.beta)
+
+
+def keep_rows(trajectory: Trajectory, rows: list[int]) -> None:
+    """Drop every row of the trajectory but `rows` (those that carry signal)."""
+    trajectory.batch = trajectory.batch.select(rows)
+    trajectory.advantages = trajectory.advantages[rows]  # [n]
+    trajectory.sampler_logp = trajectory.sampler_logp[rows]  # [n, T]
+    if trajectory.ref_logp is not None:
+        trajectory.ref_logp = trajectory.ref_logp[rows]
+    if trajectory.old_logp is not None:
+        trajectory.old_logp = trajectory.old_logp[rows]
 
 
 @torch.no_grad()
@@ -307,7 +438,7 @@ def train_step(trainer: Trainer) -> tuple[dict[str, float], list[dict[str, Any]]
                 policy,
                 trainer.sampler,
                 trainer.task,
-                trainer.stream.next_batch(config.prompts_per_step),
+                trainer.stream,
                 trainer.reward_specs,
                 config,
                 timer,

@@ -39,3 +39,15 @@ def script(completions: list[str], solution: list[str], **columns: list) -> list
 def constant(completions: list[str], **columns: list) -> list[float | None]:
     """Every completion equal: every group has zero spread and carries no signal."""
     return [1.0 for _ in completions]
+
+
+@register("test_flat_for_even")
+def flat_for_even(
+    completions: list[str], solution: list[str], **columns: list
+) -> list[float | None]:
+    """Prompts whose label ends in an even digit always score 1.0 (a group without spread);
+    the others score like test_text_hash (spread almost surely)."""
+    return [
+        1.0 if int(gold[-1]) % 2 == 0 else (sum(map(ord, c)) % 97) / 97
+        for c, gold in zip(completions, solution, strict=True)
+    ]
