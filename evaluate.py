@@ -15,12 +15,13 @@ import argparse
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
 import models  # the torchvision shim must precede transformers' imports
 from grpo.checkpoint import CheckpointError, resolve_source
-from grpo.evaluation import EvalSettings, evaluate, format_table, policy_settings
+from grpo.evaluation import EvalSettings, evaluate, policy_settings
 from models.export import (
     check_output_dir,
     check_same_base,
@@ -84,6 +85,27 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: base's")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     return p
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """The metrics as aligned text columns: metric, model[, base, delta]."""
+    metrics, base = summary["metrics"], summary.get("base_metrics")
+    delta = summary.get("delta", {})
+    lines = [["metric", "model"] + (["base", "delta"] if base else [])]
+    for name, value in metrics.items():
+        row = [name, f"{value:.4f}"]
+        if base:
+            row += [f"{base[name]:.4f}", f"{delta[name]:+.4f}" if name in delta else ""]
+        lines.append(row)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    aligned = [
+        [
+            cell.ljust(w) if i == 0 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(line, widths, strict=True))
+        ]
+        for line in lines
+    ]
+    return "\n".join("  ".join(cells).rstrip() for cells in aligned)
 
 
 def export_checkpoint(

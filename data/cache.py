@@ -30,6 +30,7 @@ def build_once(target: Path, build: Callable[[Path], object]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         build(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
         try:
             tmp.rename(target)
         except OSError:  # another process finished first: keep theirs

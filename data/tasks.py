@@ -14,15 +14,13 @@ may contain other braces (\\boxed{}) and a query may contain anything.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from data import synthetic_arith, synthetic_count, synthetic_ocr
+from data.cache import build_once
 from data.sample import DataError, Sample
 
 QUERY_SLOT = "{query}"
@@ -48,34 +46,13 @@ class SyntheticData:
     def build(self, cache_dir: Path, task: str, split: str) -> Path:
         n, seed = self.train if split == "train" else self.eval
         folder = Path(cache_dir) / f"{task}-{split}-n{n}-seed{seed}-v{self.version}"
-        return _build_once(folder, lambda out: self.generator(out, n, seed, split))
 
+        def write(out: Path) -> None:
+            data_file = self.generator(out, n, seed, split)
+            (out / _COMPLETE).write_text(data_file.relative_to(out).as_posix(), encoding="utf-8")
 
-def _build_once(folder: Path, build: Callable[[Path], Path]) -> Path:
-    """Build into a temporary sibling folder, then rename it into place.
-
-    The rename is atomic, so several processes (torchrun ranks) may race: one wins, the
-    others find the finished folder and discard their copy. A crash leaves no half folder.
-    """
-    marker = folder / _COMPLETE
-    if not marker.is_file():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-        try:
-            data_file = build(tmp)
-            tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
-            (tmp / _COMPLETE).write_text(data_file.relative_to(tmp).as_posix(), encoding="utf-8")
-            try:
-                os.rename(tmp, folder)
-            except OSError as e:
-                if not marker.is_file():  # not a lost race: something else is in the way
-                    raise DataError(
-                        f"{folder}: cannot create the built-in data folder ({e}); "
-                        "delete it and retry"
-                    ) from e
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return folder / marker.read_text(encoding="utf-8").strip()
+        build_once(folder, write)  # atomic: torchrun ranks may race, a crash leaves nothing
+        return folder / (folder / _COMPLETE).read_text(encoding="utf-8").strip()
 
 
 @dataclass(frozen=True)

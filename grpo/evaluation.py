@@ -290,24 +290,3 @@ def write_outputs(
         write_jsonl(out_dir / "base_predictions.jsonl", base_records)
     text = json.dumps(summary, indent=1, ensure_ascii=False, default=str)
     (out_dir / "summary.json").write_text(text + "\n", encoding="utf-8")
-
-
-def format_table(summary: dict[str, Any]) -> str:
-    """The metrics as aligned text columns: metric, model[, base, delta]."""
-    metrics, base = summary["metrics"], summary.get("base_metrics")
-    delta = summary.get("delta", {})
-    lines = [["metric", "model"] + (["base", "delta"] if base else [])]
-    for name, value in metrics.items():
-        row = [name, f"{value:.4f}"]
-        if base:
-            row += [f"{base[name]:.4f}", f"{delta[name]:+.4f}" if name in delta else ""]
-        lines.append(row)
-    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
-    aligned = [
-        [
-            cell.ljust(w) if i == 0 else cell.rjust(w)
-            for i, (cell, w) in enumerate(zip(line, widths, strict=True))
-        ]
-        for line in lines
-    ]
-    return "\n".join("  ".join(cells).rstrip() for cells in aligned)

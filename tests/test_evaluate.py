@@ -13,13 +13,13 @@ import torch
 import evaluate
 from data import get_task, load_samples
 from data.sample import DataError, Sample
+from evaluate import format_table
 from grpo.checkpoint import CheckpointError, resolve_source
 from grpo.evaluation import (
     EvalReport,
     EvalSettings,
     EvaluationError,
     deltas,
-    format_table,
     policy_settings,
 )
 from grpo.evaluation import evaluate as evaluate_with
