@@ -240,3 +240,71 @@ def test_wandb_unreachable_never_blocks_training(
         run_dir = train(config, BACKEND)
     assert len(read_metrics(run_dir)) == 1
     assert os.path.isdir(run_dir / "checkpoint-1")
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face datasets as --data
+# --------------------------------------------------------------------------------------------
+
+
+def hf_dataset(n: int = 6, image: str = "image", query: str = "problem") -> Any:
+    """A datasets.Dataset with an Image feature (stored as {bytes, path}) and seed columns."""
+    datasets = pytest.importorskip("datasets")
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    pictures = [
+        Image.fromarray(rng.integers(0, 256, (28, 56, 3), dtype=np.uint8)) for _ in range(n)
+    ]
+    features = datasets.Features(
+        {
+            image: datasets.Image(),
+            query: datasets.Value("string"),
+            "solution": datasets.Value("string"),
+        }
+    )
+    rows = {image: pictures, query: ["读出文字"] * n, "solution": [f"文字{i}" for i in range(n)]}
+    return datasets.Dataset.from_dict(rows, features=features)
+
+
+def test_saved_dataset_and_parquet_shards_train_and_evaluate(tmp_path: Path) -> None:
+    from data import load_samples
+
+    saved = tmp_path / "saved"
+    hf_dataset().save_to_disk(str(saved))
+    shards = tmp_path / "hub" / "data"
+    shards.mkdir(parents=True)
+    dataset = hf_dataset(8, image="img", query="query")
+    for i in range(2):
+        dataset.shard(2, i, contiguous=True).to_parquet(
+            str(shards / f"train-0000{i}-of-00002.parquet")
+        )
+    dataset.select(range(3)).to_parquet(str(shards / "test-00000-of-00001.parquet"))
+    loaded = load_samples(saved)
+    assert len(loaded) == 6 and loaded[0].solution == "文字0" and loaded[0].images[0].open()
+    hub = tmp_path / "hub"
+    assert len(load_samples(hub, column_map="image=img")) == 8
+    assert len(load_samples(hub, split="test", column_map="image=img")) == 3
+    config = small_config(
+        hub, tmp_path / "run", eval_steps=2, eval_fraction=0.25, column_map="image=img"
+    )
+    run_dir = train(config, BACKEND)
+    assert "eval/cer/raw" in read_metrics(run_dir)[0]
+
+
+def test_bad_dataset_columns_name_the_dataset_and_the_column(tmp_path: Path) -> None:
+    from data import load_samples
+    from data.sample import DataError
+
+    saved = tmp_path / "saved"
+    hf_dataset(2, query="prompt_text").save_to_disk(str(saved))
+    with pytest.raises(DataError, match=r"saved.*missing field 'query'"):
+        load_samples(saved)
+    with pytest.raises(DataError, match=r"saved.*no column 'nope'"):
+        load_samples(saved, column_map="problem=nope")
+    shards = tmp_path / "hub"
+    shards.mkdir()
+    hf_dataset(2).to_parquet(str(shards / "train-00000-of-00001.parquet"))
+    with pytest.raises(DataError, match="no split 'validation'"):
+        load_samples(shards, split="validation")
