@@ -9,9 +9,11 @@ Formats (docs/data_formats.md has one example of each):
 (e) Parquet with an image column of encoded bytes + problem/solution  Hugging Face datasets
 GSM8K      {"question", "answer": "reasoning...\n#### 72"}  (JSONL or Parquet)   openai/gsm8k
 
-How a path is read: a directory -> (b) (see `find_index_file`); `.txt`/`.tsv` -> (b) with that
-file as the index; `.jsonl` -> one JSON object per line, (a)/(c)/(d) told apart per record by
-its keys; `.json` -> a JSON array of such objects (or JSONL); `.parquet` -> (e).
+How a path is read: a `save_to_disk` directory or a folder of Parquet shards -> a Hugging Face
+dataset (data/hf_datasets.py); another directory -> (b) (see `find_index_file`);
+`.txt`/`.tsv` -> (b) with that file as the index; `.jsonl` -> one JSON object per line,
+(a)/(c)/(d) told apart per record by its keys; `.json` -> a JSON array of such objects (or
+JSONL); `.parquet` -> (e).
 GSM8K is (a)'s text-only case whose "answer" ends with a `#### <number>` line: the solution is
 that number. The first record with an "answer" field decides, per file, whether the file is
 GSM8K (see `Gsm8kDetector`); a later record that disagrees is an error naming its line.
@@ -34,6 +36,13 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from data.hf_datasets import (
+    is_saved_dataset,
+    parquet_shards,
+    parse_column_map,
+    rename,
+    saved_dataset_records,
+)
 from data.sample import DataError, ImageRef, ParquetCell, Sample, note_once
 from data.validation import Check, cached_check_images, check_images, default_cache_dir
 
@@ -73,6 +82,8 @@ def load_samples(
     allow_empty_solution: bool = False,
     workers: int | None = None,
     cache: bool | str | Path = True,
+    split: str | None = None,
+    column_map: str | dict[str, str] | None = None,
 ) -> list[Sample]:
     """Read and validate every sample of `path` (a data file or an OCR folder).
 
@@ -85,6 +96,8 @@ def load_samples(
     cache:    where the image checks are cached: True -> data.validation.default_cache_dir(),
               a directory, or False for none. Only used without `limit`, for sets of at
               least CACHE_MIN_IMAGES images.
+    split:    a Hugging Face dataset's split (data/hf_datasets.py); column_map: its columns
+              under our names, "problem=query,image=img".
     Raises DataError for a missing/empty/unreadable file, a bad record (unless skip_bad), or
     when no valid sample remains.
     """
@@ -92,7 +105,7 @@ def load_samples(
         raise ValueError(f"limit must be >= 1 or None, got {limit}")
     path = Path(path)
     tally = _Tally(allow_empty_solution, skip_bad, limit)
-    records = _read_records(path)
+    records = _read_records(path, split, parse_column_map(column_map))
     if limit is None:
         parsed = list(records)
         tally.take(parsed, _checks(parsed, path, workers, cache))
@@ -111,7 +124,7 @@ def _checks(
     if cache is False or len(refs) < CACHE_MIN_IMAGES:
         return check_images(refs, workers)
     directory = default_cache_dir() if cache is True else Path(cache)
-    data_file = find_index_file(path) if path.is_dir() else path
+    data_file = _data_file(path) if path.is_dir() else path
     checks, hit = cached_check_images(refs, data_file, directory, workers)
     logger.info("%s: image checks %s", path, "read from the cache" if hit else "computed")
     return checks
@@ -207,8 +220,25 @@ def _quote(errors: list[DataError]) -> str:
     return "\n".join(f"  {e}" for e in errors[:MAX_REPORTED])
 
 
-def _read_records(path: Path) -> Iterator[Parsed]:
+def _data_file(folder: Path) -> Path:
+    """The file whose content keys the image-check cache of a folder."""
+    if is_saved_dataset(folder):
+        return next(iter(sorted(folder.rglob("*.arrow"))), folder / "state.json")
+    shards = sorted(folder.rglob("*.parquet"))
+    return shards[0] if shards else find_index_file(folder)
+
+
+def _read_records(
+    path: Path, split: str | None = None, mapping: dict[str, str] | None = None
+) -> Iterator[Parsed]:
     """Dispatch on what `path` is; file-level problems raise, record-level ones are yielded."""
+    mapping = mapping or {}
+    if is_saved_dataset(path):
+        return _read_saved_dataset(path, split, mapping)
+    if (shards := parquet_shards(path, split)) is not None:
+        return (item for shard in shards for item in _read_parquet(shard, mapping))
+    if mapping and path.suffix.lower() == ".parquet":
+        return _read_parquet(path, mapping)
     if path.is_dir():
         return _read_index(find_index_file(path))
     if not path.is_file():
@@ -226,6 +256,16 @@ def _read_records(path: Path) -> Iterator[Parsed]:
         f"{path}: unknown data format {suffix!r}; expected a folder with an index file, "
         ".txt/.tsv (index), .jsonl, .json or .parquet"
     )
+
+
+def _read_saved_dataset(path: Path, split: str | None, mapping: dict[str, str]) -> Iterator[Parsed]:
+    """A `save_to_disk` directory's rows, parsed like JSON records (formats a, c, GSM8K)."""
+    gsm8k = Gsm8kDetector()
+    for where, row in saved_dataset_records(path, split):
+        try:
+            yield _parse_record(rename(row, mapping, where), where, path, gsm8k)
+        except DataError as e:
+            yield e
 
 
 # ---------------------------------------------------------------------------------------------
@@ -609,7 +649,7 @@ def _index_sample(line: str, where: str, base: Path) -> Sample:
 # (e) Parquet
 
 
-def _read_parquet(path: Path) -> Iterator[Parsed]:
+def _read_parquet(path: Path, mapping: dict[str, str] | None = None) -> Iterator[Parsed]:
     """Rows of an HF-style Parquet file; rows are numbered from 0 like `dataset[i]`.
 
     Read one row group at a time, and embedded images are kept as ParquetCells (file, row
@@ -623,9 +663,13 @@ def _read_parquet(path: Path) -> Iterator[Parsed]:
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"{path}: cannot read Parquet file: {e}") from e
     columns = table_file.schema_arrow.names
-    query_col = _required_column(columns, PARQUET_QUERY_COLUMNS, path)
-    solution_col = _required_column(columns, PARQUET_SOLUTION_COLUMNS, path)
-    image_col = next((c for c in PARQUET_IMAGE_COLUMNS if c in columns), None)
+    mapping = mapping or {}
+    query_col = _mapped_column(columns, mapping, QUERY_KEYS, path)
+    query_col = query_col or _required_column(columns, PARQUET_QUERY_COLUMNS, path)
+    solution_col = _mapped_column(columns, mapping, SOLUTION_KEYS, path)
+    solution_col = solution_col or _required_column(columns, PARQUET_SOLUTION_COLUMNS, path)
+    image_col = _mapped_column(columns, mapping, IMAGE_KEYS, path)
+    image_col = image_col or next((c for c in PARQUET_IMAGE_COLUMNS if c in columns), None)
     gsm8k = Gsm8kDetector()  # openai/gsm8k's own Parquet files: question, answer
     cols = _ParquetColumns(query_col, solution_col, image_col)
     row = 0
@@ -681,6 +725,21 @@ def _parquet_images(
         else:
             refs.append(_image_ref(item, where, path.parent))
     return refs
+
+
+def _mapped_column(
+    columns: list[str], mapping: dict[str, str], ours: tuple[str, ...], path: Path
+) -> str | None:
+    """The column --column-map names for one of `ours`; an error if the file lacks it."""
+    for name in ours:
+        if name in mapping:
+            if mapping[name] not in columns:
+                raise DataError(
+                    f"{path}: column_map {name}={mapping[name]}: no column {mapping[name]!r}; "
+                    f"the file has {columns}"
+                )
+            return mapping[name]
+    return None
 
 
 def _required_column(columns: list[str], names: tuple[str, ...], path: Path) -> str:

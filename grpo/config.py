@@ -32,6 +32,8 @@ class TrainConfig:
     task: str = "ocr"
     model: str = "tiny"  # local dir, hub id, or "tiny" (offline random Qwen2.5-VL)
     data: str | None = None  # None: the task's built-in data
+    data_split: str | None = None  # a Hugging Face dataset's split (None: "train" or the only one)
+    column_map: str | None = None  # "problem=query,solution=label": our name=dataset's column
     skip_bad_samples: bool = False
     rewards: str | None = None  # "ocr:1.0,format:0.5"; None: the task's default
     reward_plugin: list[str] = field(default_factory=list)  # python files that register rewards
@@ -109,6 +111,15 @@ class TrainConfig:
     overwrite: bool = False  # replace an existing run in output_dir
     log_completions_steps: int = 10  # print/save sample completions every N steps (0: never)
     tensorboard: bool = True
+    report_to: list[str] = field(default_factory=list)  # also log to: "wandb"
+    wandb_project: str = "vl-grpo"
+    report: bool = True  # <run>/report.html, rebuilt at every save
+    # evaluation during training (grpo/training_eval.py)
+    eval_steps: int = 0  # greedy evaluation every N steps and at step 0 (0: never)
+    eval_data: str | None = None  # held-out data; None: eval_fraction, else the task's eval split
+    eval_fraction: float = 0.0  # hold out this fraction of the training data instead
+    eval_batch_size: int | None = None  # None: 8 with transformers, 64 with vLLM
+    save_best: str | None = None  # keep <run>/best/checkpoint-N of the best eval/<metric>
 
     @property
     def run_dir(self) -> Path:
@@ -333,11 +344,11 @@ RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     *[(n, lambda v: v >= 0, ">= 0") for n in (
         "warmup_steps", "top_k", "weight_decay", "save_steps", "log_completions_steps",
         "overlong_buffer", "advantage_eps", "entropy_coef", "off_policy_delta",
-        "save_total_limit",
+        "save_total_limit", "eval_steps",
     )],
     *[(n, lambda v: v > 0, "> 0") for n in (
         "learning_rate", "temperature", "max_grad_norm", "lora_alpha", "is_upper", "is_lower",
-        "importance_sampling_cap",
+        "importance_sampling_cap", "eval_batch_size",
     )],
     *[(n, lambda v: 0 <= v < 1, "in [0, 1)") for n in ("adam_beta1", "adam_beta2")],
     *[(n, lambda v: 0 < v <= 1, "in (0, 1]") for n in ("top_p", "vllm_gpu_memory_utilization")],
@@ -365,6 +376,7 @@ def validate(config: TrainConfig) -> None:
     if config.dtype is not None and not _is_float_dtype(config.dtype):
         raise ConfigError(f"dtype={config.dtype!r}: expected a torch float type, e.g. bfloat16")
     _validate_corrections(config)
+    _validate_evaluation(config)
     try:  # the loss variants' own rules (grpo/loss.py), so they live in one place
         config.loss_settings()
     except ValueError as e:  # LossSettings says eps_*, the config calls them epsilon_*
@@ -377,6 +389,23 @@ def _is_float_dtype(name: str) -> bool:
 
     dtype = getattr(torch, name, None)
     return isinstance(dtype, torch.dtype) and dtype.is_floating_point
+
+
+def _validate_evaluation(config: TrainConfig) -> None:
+    """Evaluation, best-checkpoint and logger settings that only make sense together."""
+    if not 0 <= config.eval_fraction < 1:
+        raise ConfigError(f"eval_fraction={config.eval_fraction!r}: must be in [0, 1)")
+    if config.eval_fraction and config.eval_data:
+        raise ConfigError("eval_data and eval_fraction both given: hold out one or the other")
+    if config.save_best is not None:
+        if not config.eval_steps:
+            raise ConfigError(f"save_best={config.save_best!r} needs eval_steps > 0")
+        if not config.save_best.startswith("eval/"):
+            raise ConfigError(
+                f"save_best={config.save_best!r}: name an eval metric, e.g. eval/accuracy/answer"
+            )
+    if unknown := sorted(set(config.report_to) - {"wandb", "tensorboard", "none"}):
+        raise ConfigError(f"report_to={unknown}: expected wandb, tensorboard or none")
 
 
 def _validate_corrections(config: TrainConfig) -> None:
@@ -392,8 +421,9 @@ def check_inputs(config: TrainConfig, default_rewards: str) -> list[tuple[str, f
     plugins (imported: they register rewards) and every reward named. Returns the specs."""
     from rewards import get_reward, load_plugin, parse_reward_spec
 
-    if config.data is not None and not Path(config.data).exists():
-        raise ConfigError(f"data={config.data!r}: no such file or directory")
+    for name in ("data", "eval_data"):
+        if (value := getattr(config, name)) is not None and not Path(value).exists():
+            raise ConfigError(f"{name}={value!r}: no such file or directory")
     for plugin in config.reward_plugin:
         if not Path(plugin).is_file():
             raise ConfigError(f"reward_plugin={plugin!r}: no such file")

@@ -27,6 +27,7 @@ from data import get_task, load_samples
 from data.cache import cache_root
 from data.sample import Sample
 from data.tasks import Task
+from grpo import distributed
 from grpo.checkpoint import CheckpointError, ModelSource, resolve_source
 from grpo.rollout import task_prompts
 from grpo.types import (
@@ -169,9 +170,45 @@ def run_model(
     """Generate, decode and score; returns (prediction records, metrics). `fresh`: the policy
     holds exactly the weights stored at its path (nothing to push into a new engine)."""
     sampler = generator.sampler_for(policy, fresh)
+    return evaluate_policy(policy, sampler, task, samples, settings, specs)
+
+
+def evaluate_policy(
+    policy: Policy,
+    sampler: Sampler,
+    task: Task,
+    samples: list[Sample],
+    settings: EvalSettings,
+    specs: list[tuple[str, float]],
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Greedy completions of `sampler` (holding `policy`'s weights), scored: the one function
+    evaluate.py and evaluation during training (grpo/trainer.py) share, so both report the
+    same numbers. Under torchrun every rank generates its shard (samples[rank::world]); the
+    completions are gathered, so every rank scores the whole set and returns the same."""
     tic = time.perf_counter()
-    completions = generate_all(policy, sampler, task, samples, settings)
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    shard = generate_all(policy, sampler, task, samples[rank::world], settings)
+    completions = gather_shards(shard, len(samples)) if world > 1 else shard
     seconds = time.perf_counter() - tic
+    return score_completions_of(policy, task, samples, completions, specs, seconds)
+
+
+def gather_shards(shard: list[list[int]], total: int) -> list[list[int]]:
+    """Every rank's samples[rank::world] completions, back in the samples' order."""
+    parts = distributed.all_gather_object(shard)
+    world = len(parts)
+    return [parts[i % world][i // world] for i in range(total)]
+
+
+def score_completions_of(
+    policy: Policy,
+    task: Task,
+    samples: list[Sample],
+    completions: list[list[int]],
+    specs: list[tuple[str, float]],
+    seconds: float,
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Decode and score one completion per sample: prediction records and the metrics."""
     texts = policy.decode(completions)
     main_reward = parse_reward_spec(task.eval_rewards)[0][0]
     rows, metrics = score_predictions(main_reward, samples, texts, specs)

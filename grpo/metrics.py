@@ -88,40 +88,83 @@ def _finite_or(value: float | None, fallback: float) -> float:
 
 
 class MetricsLogger:
-    """metrics.jsonl + completions.jsonl (+ TensorBoard when installed) in the run dir."""
+    """Rank 0's logs in the run dir: metrics.jsonl and completions.jsonl (always), TensorBoard
+    (on by default: every scalar), W&B (--report-to wandb: grpo/wandb_log.py) and report.html
+    (grpo/report.py, rebuilt by `saved` and `close`)."""
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool) -> None:
+    def __init__(
+        self, run_dir: Path, enabled: bool, tensorboard: bool, config: Any | None = None
+    ) -> None:
         self.enabled = enabled
         self.run_dir = run_dir
         self.writer = None
+        self.wandb = None
+        self.report = enabled and (config is None or config.report)
         if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+            self.writer = tensorboard_writer(run_dir)
+        if enabled and config is not None and "wandb" in config.report_to:
+            from grpo.wandb_log import start_wandb
 
-                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-            except ImportError:  # tensorboard is optional: JSONL always works
-                self.writer = None
+            self.wandb = start_wandb(run_dir, config)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
         with (self.run_dir / "metrics.jsonl").open("a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
+        finite = {k: v for k, v in metrics.items() if math.isfinite(v)}
         if self.writer is not None:
-            for key, value in metrics.items():
-                if math.isfinite(value):
-                    self.writer.add_scalar(key, value, step)
+            for key, value in finite.items():
+                self.writer.add_scalar(key, value, step)
+            self.writer.flush()  # readable while the run goes on
+        if self.wandb is not None:
+            self.wandb.log(finite, step=step)
 
     def completions(self, step: int, records: list[dict[str, Any]]) -> None:
+        """Every completion to completions.jsonl (and a W&B table); a few prompts with image
+        thumbnails to report_samples.jsonl for the report."""
         if not self.enabled:
             return
+        public = [{k: v for k, v in r.items() if not k.startswith("_")} for r in records]
         with (self.run_dir / "completions.jsonl").open("a", encoding="utf-8") as f:
-            for record in records:
+            for record in public:
                 f.write(json.dumps({"step": step, **record}, ensure_ascii=False) + "\n")
+        if self.report:
+            from grpo.report import SAMPLES_FILE, sample_entries
+
+            with (self.run_dir / SAMPLES_FILE).open("a", encoding="utf-8") as f:
+                for entry in sample_entries(step, records):
+                    f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        if self.wandb is not None:
+            from grpo.wandb_log import completions_table
+
+            self.wandb.log({"completions": completions_table(step, public)}, step=step)
+
+    def saved(self) -> None:
+        """A checkpoint was written: rebuild report.html."""
+        if self.report:
+            from grpo.report import write_report
+
+            write_report(self.run_dir)
 
     def close(self) -> None:
+        self.saved()
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def tensorboard_writer(run_dir: Path) -> Any | None:
+    """A SummaryWriter on <run>/tensorboard, or None with a warning if tensorboard is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # in install_requires, but a hand-made environment may lack it
+        import warnings
+
+        warnings.warn("tensorboard is not installed: logging to JSONL only", stacklevel=3)
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
 
 
 def cut_logs_back(run_dir: Path, step: int) -> None:
@@ -131,7 +174,7 @@ def cut_logs_back(run_dir: Path, step: int) -> None:
     without this they would appear twice. A line cut short by the kill is dropped too. Each
     file is replaced by rename, so a kill here leaves the old file or the new one.
     """
-    for name in ("metrics.jsonl", "completions.jsonl"):
+    for name in ("metrics.jsonl", "completions.jsonl", "report_samples.jsonl"):
         path = run_dir / name
         if not path.is_file():
             continue
@@ -157,7 +200,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, float]]:
 
 def plot_rewards(run_dir: Path) -> Path | None:
     """reward_curve.png: mean reward per step (and per reward function), with a moving average."""
-    rows = read_metrics(run_dir)
+    rows = [r for r in read_metrics(run_dir) if "reward_mean" in r]  # not eval-only rows
     if not rows:
         return None
     import matplotlib

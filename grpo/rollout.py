@@ -93,18 +93,34 @@ def rollout_metrics(
 
 
 def completion_records(
-    samples: list[Sample], texts: list[str], rewards: torch.Tensor, advantages: torch.Tensor
+    samples: list[Sample],
+    texts: list[str],
+    rewards: torch.Tensor,
+    advantages: torch.Tensor,
+    per_function: torch.Tensor | None = None,
+    specs: list[tuple[str, float]] | None = None,
 ) -> list[dict[str, Any]]:
-    """One log record per completion [N]: where its prompt came from, the gold, the text, its
-    reward and advantage."""
+    """One log record per completion [N]: where its prompt came from, the prompt and its first
+    image (a file path, else the record's location), the gold, the text, each reward function's
+    score ([N, K] per_function, NaN = not applicable), the reward and the advantage."""
     group_size = len(texts) // len(samples)
-    return [
-        {
-            "where": samples[i // group_size].where,
-            "solution": samples[i // group_size].solution,
-            "completion": text,
-            "reward": float(rewards[i]),
-            "advantage": float(advantages[i]),
-        }
-        for i, text in enumerate(texts)
-    ]
+    names = [name for name, _ in specs or []]
+    records = []
+    for i, text in enumerate(texts):
+        sample = samples[i // group_size]
+        image = sample.images[0] if sample.images else None
+        scores = per_function[i].tolist() if specs else []
+        records.append(
+            {
+                "where": sample.where,
+                "prompt": sample.query,
+                "image": None if image is None else str(image.path or image.where),
+                "solution": sample.solution,
+                "completion": text,
+                "rewards": {n: (v if v == v else None) for n, v in zip(names, scores, strict=True)},
+                "reward": float(rewards[i]),
+                "advantage": float(advantages[i]),
+                "_image": image,  # the ImageRef, for the report's thumbnail (never serialised)
+            }
+        )
+    return records

@@ -59,6 +59,14 @@ from grpo.rollout import (
     task_prompts,
 )
 from grpo.sampler_correction import CorrectionSettings, correction_weights, pad_sampler_logprobs
+from grpo.training_eval import (
+    best_so_far,
+    data_options,
+    evaluate_now,
+    is_due,
+    keep_best,
+    split_samples,
+)
 from grpo.types import ModelBackend, Policy, PromptInput, Rollout, RolloutBatch, Sampler
 from rewards.compute import sample_columns, score_completions
 
@@ -107,6 +115,8 @@ class Trainer:
     reward_specs: list[tuple[str, float]]
     logger: MetricsLogger
     step: int = 0
+    eval_samples: list[Sample] = field(default_factory=list)  # held out (grpo/training_eval.py)
+    best: float | None = None  # the best --save-best value so far
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,7 +272,9 @@ def collect(
         advantages = group_advantages(rewards, g, config.scale_rewards, config.advantage_eps)
     trajectory.metrics = rollout_metrics(groups.per_function, rewards, advantages, batch, specs, g)
     trajectory.metrics["dynamic_sampling_draws"] = float(groups.draws)
-    trajectory.records = completion_records(groups.samples, groups.texts, rewards, advantages)
+    trajectory.records = completion_records(
+        groups.samples, groups.texts, rewards, advantages, groups.per_function, specs
+    )
 
     keep = rows_with_signal(config, rewards, batch.truncated)  # the n rows with signal
     trajectory.advantages = advantages.to(policy.device, torch.float32)  # [N]
@@ -575,7 +587,8 @@ def build_trainer(
     check_run_dir(config)  # before minutes of loading, not after
     seed_everything(config.seed)  # same LoRA init and data order on every rank
     path = config.data or task.default_data(cache_root() / "data", "train")
-    samples = load_samples(path, skip_bad=config.skip_bad_samples)
+    samples = load_samples(path, skip_bad=config.skip_bad_samples, **data_options(config))
+    samples, eval_samples = split_samples(config, task, samples)  # never trained on
     policy = load_policy(backend, config, info.device)
     images = max(len(s.images) for s in samples)
     sampler = backend.make_sampler(config.sampler_settings(images), policy)
@@ -588,12 +601,14 @@ def build_trainer(
     total_updates = config.max_steps * config.num_iterations
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total_updates))
     run_dir = prepare_run_dir(config)
-    logger = MetricsLogger(run_dir, distributed.is_main_process(), config.tensorboard)
+    logger = MetricsLogger(run_dir, distributed.is_main_process(), config.tensorboard, config)
     stream = PromptStream(samples, config.seed, info.rank, info.world_size)
     seed_everything(config.seed + 1_000_003 * info.rank)  # different samples on each rank
-    return Trainer(
+    trainer = Trainer(
         config, task, policy, sampler, optimizer, scheduler, stream, reward_specs, logger
     )
+    trainer.eval_samples = eval_samples
+    return trainer
 
 
 def trainer_state(trainer: Trainer) -> dict[str, Any]:
@@ -631,6 +646,8 @@ def resume(trainer: Trainer) -> None:
     trainer.stream.position = StreamPosition(**state["data_position"])
     trainer.step = state["step"]
     trainer.sampler.sync_weights(trainer.policy)
+    if trainer.config.save_best:
+        trainer.best = best_so_far(run_dir, trainer.config.save_best, trainer.step)
     if distributed.is_main_process():
         cut_logs_back(run_dir, trainer.step)
         record = run_dir / f"config.resume-{trainer.step}.yaml"
@@ -638,15 +655,35 @@ def resume(trainer: Trainer) -> None:
     distributed.barrier()
 
 
-def save(trainer: Trainer) -> Path:
+def save(trainer: Trainer, run_dir: Path | None = None, extra: dict | None = None) -> Path:
+    """checkpoint-<step> in the run dir (rotated by save_total_limit), or alone in `run_dir`
+    (--save-best's best/, which keeps one)."""
     return save_checkpoint(
-        trainer.config.run_dir,
+        run_dir or trainer.config.run_dir,
         trainer.step,
         trainer.policy,
         trainer_state(trainer),
-        run_info(trainer),
-        trainer.config.save_total_limit,
+        {**run_info(trainer), **(extra or {})},
+        trainer.config.save_total_limit if run_dir is None else 1,
     )
+
+
+def evaluate_if_due(trainer: Trainer) -> dict[str, float]:
+    """eval/<metric> when this step is an evaluation step (and --save-best's checkpoint)."""
+    config = trainer.config
+    if not trainer.eval_samples or not is_due(config, trainer.step):
+        return {}
+    metrics = evaluate_now(
+        config, trainer.task, trainer.policy, trainer.sampler, trainer.eval_samples, trainer.step
+    )
+    return metrics
+
+
+def keep_best_checkpoint(trainer: Trainer, metrics: dict[str, float]) -> None:
+    def save_to(directory: Path, extra: dict) -> Path:
+        return save(trainer, directory, extra)
+
+    trainer.best = keep_best(trainer.config, metrics, trainer.step, trainer.best, save_to)
 
 
 def show_completions(records: list[dict[str, Any]], step: int, count: int) -> None:
@@ -691,7 +728,7 @@ def train(config: TrainConfig, backend: ModelBackend) -> Path:
         raise
     if distributed.is_main_process():
         plot_rewards(trainer.logger.run_dir)
-    trainer.logger.close()
+    trainer.logger.close()  # last: it writes the final report.html
     trainer.sampler.close()  # before the process group goes: vLLM's teardown uses it
     return config.run_dir
 
@@ -703,13 +740,20 @@ def run_steps(trainer: Trainer) -> Iterator[Path]:
 
     config, main = trainer.config, distributed.is_main_process()
     bar = tqdm(total=config.max_steps, initial=trainer.step, disable=not main, desc="GRPO")
+    if trainer.step == 0 and (base := evaluate_if_due(trainer)):  # the curve starts at the base
+        trainer.logger.log(0, base)
+        keep_best_checkpoint(trainer, base)
     while trainer.step < config.max_steps:
         metrics, records = train_step(trainer)
         trainer.step += 1
+        metrics.update(evaluate_if_due(trainer))
         log_step(trainer, metrics, records)
+        keep_best_checkpoint(trainer, metrics)
         bar.update(1)
         bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics.get('kl', 0):.4f}")
         every = config.save_steps  # 0: only the final checkpoint
         if trainer.step == config.max_steps or (every and trainer.step % every == 0):
-            yield save(trainer)
+            checkpoint = save(trainer)
+            trainer.logger.saved()  # report.html rebuilt at each save
+            yield checkpoint
     bar.close()
