@@ -1,4 +1,4 @@
-"""The models behind grpo.types' Protocols: Qwen2.5-VL and text-only causal LMs (loading, processor, batches, log-probs,
+"""The models behind grpo.types' Protocols: Qwen2.5-VL and text-only causal LMs (loading,
 samplers, vLLM engine and weight sync, LoRA merge and export) and the offline tiny model.
 
 `models.BACKEND` is what train.py and evaluate.py hand to the loop.
