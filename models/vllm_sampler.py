@@ -119,6 +119,14 @@ def check_cpu_head_size(config: Any) -> None:
         )
 
 
+def model_length(config: Any, wanted: int) -> int:
+    """`wanted` capped at the model's max_position_embeddings: vLLM refuses a longer context
+    (a small text model may be trained for 2048 positions, below the 4096 default)."""
+    text = getattr(config, "text_config", config)
+    limit = getattr(text, "max_position_embeddings", None)
+    return min(wanted, int(limit)) if limit else wanted
+
+
 def engine_arguments(policy: Any, settings: VLLMSettings) -> dict[str, Any]:
     """Keyword arguments of vllm.LLM for a sampler colocated with `policy`."""
     on_cpu = policy.device.type == "cpu"
@@ -129,7 +137,7 @@ def engine_arguments(policy: Any, settings: VLLMSettings) -> dict[str, Any]:
         "model": policy.path,
         "dtype": dtype,
         "seed": settings.seed + _process_rank(),
-        "max_model_len": settings.max_model_len,
+        "max_model_len": model_length(policy.model.config, settings.max_model_len),
         "gpu_memory_utilization": settings.gpu_memory_utilization,
         "enforce_eager": on_cpu if settings.enforce_eager is None else settings.enforce_eager,
         "tensor_parallel_size": 1,
