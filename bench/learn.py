@@ -36,7 +36,7 @@ from grpo.evaluation import EvalSettings, evaluate
 from grpo.metrics import plot_rewards
 from grpo.trainer import build_trainer, log_step, save, train_step
 
-ACCURACY = "number"  # the arith task's first eval reward: the final number is right
+ACCURACY = "reward/number"  # the arith task's first eval reward: the final number is right
 
 
 def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
