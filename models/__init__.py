@@ -1,4 +1,4 @@
-"""The models behind grpo.types' Protocols: Qwen2.5-VL (loading, processor, batches, log-probs,
+"""The models behind grpo.types' Protocols: Qwen2.5-VL and text-only causal LMs (loading,
 samplers, vLLM engine and weight sync, LoRA merge and export) and the offline tiny model.
 
 `models.BACKEND` is what train.py and evaluate.py hand to the loop.
@@ -12,9 +12,9 @@ from grpo.types import ModelBackend, Policy, PolicySettings, Sampler, SamplerSet
 
 
 def load_policy(settings: PolicySettings, device) -> Policy:
-    from models.policy import Policy as QwenPolicy
+    from models.policy import make_policy
 
-    return QwenPolicy(settings, device)
+    return make_policy(settings, device)
 
 
 def make_sampler(settings: SamplerSettings, policy: Policy) -> Sampler:

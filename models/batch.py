@@ -1,4 +1,4 @@
-"""Tensor batches for Qwen2.5-VL: prompts alone, and prompts + sampled completions.
+"""Tensor batches for Qwen2.5-VL and text-only LMs: prompts alone, and prompts + completions.
 
 Layout of a rollout batch (N = P * G rows, group-major; Lp prompt length, T completion length):
 
@@ -7,7 +7,8 @@ Layout of a rollout batch (N = P * G rows, group-major; Lp prompt length, T comp
     completion_mask [N, T]       1 up to and including the first EOS, 0 after
 
 Prompts are left-padded so that every completion starts at column Lp, and the token at
-column Lp + t is predicted by the hidden state at column Lp + t - 1.
+column Lp + t is predicted by the hidden state at column Lp + t - 1. A text-only prompt batch
+has the same layout with mm_token_type_ids all 0 and no pixels; its model never sees them.
 """
 
 from __future__ import annotations
@@ -92,6 +93,36 @@ def encode_prompts(processor: Any, prompts: list[PromptInput], device: torch.dev
         image_grid_thw=None if grid is None else grid.to(device),
         images_per_prompt=counts,
     )
+
+
+def encode_text_prompts(
+    tokenizer: Any, prompts: list[PromptInput], device: torch.device
+) -> PromptBatch:
+    """Tokenise rendered text-only prompts (left-padded): a PromptBatch without pixels."""
+    if any(prompt.images for prompt in prompts):
+        raise ValueError("a text-only model was given a prompt with images")
+    encoded = tokenizer(
+        [prompt.text for prompt in prompts],
+        padding=True,
+        padding_side="left",
+        add_special_tokens=False,  # the chat template already wrote every special token
+        return_tensors="pt",
+    )
+    ids = encoded["input_ids"].to(device)  # [P, Lp]
+    return PromptBatch(
+        input_ids=ids,
+        attention_mask=encoded["attention_mask"].to(device),
+        mm_token_type_ids=torch.zeros_like(ids),  # [P, Lp] all text
+        pixel_values=None,
+        image_grid_thw=None,
+        images_per_prompt=[0] * len(prompts),
+    )
+
+
+def text_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """1-D positions [N, L] of left-padded rows: p = (number of real tokens before) , 0 on
+    padding, so a row's first real token is at 0 whatever its padding (as vLLM numbers it)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [N, L]
 
 
 def split_pixels(prompts: PromptBatch) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -15,7 +15,8 @@ Export. `export_merged(policy, out)` folds the adapter into the base weights,
 and writes a plain checkpoint directory: model safetensors + config.json +
 generation_config.json (transformers' own save, so the tensor names are those of the original
 checkpoint), the processor (image processor settings, tokenizer, chat template) and
-`export_info.json` (where the weights came from). transformers' from_pretrained and vLLM load
+`export_info.json` (where the weights came from); a text-only model gets its tokenizer in
+place of the processor. transformers' from_pretrained and vLLM load
 it like the original model. The policy must not be used afterwards: the adapter wrappers are
 removed from it and the merged weights written into its base layers (no second copy of the
 model is made, which matters for a 7B model on a host).
@@ -37,7 +38,7 @@ import models.cpu_compat  # noqa: F401  (must precede transformers' image code)
 from grpo.types import ADAPTER_CONFIG, EXPORT_INFO, PolicySettings
 from models.loading import ModelLoadError, resolve_model_path
 from models.merge import PEFT_PREFIX, lora_linears, merged_weight
-from models.policy import Policy
+from models.policy import Policy, make_policy
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MAX_LISTED = 3  # mismatching modules quoted in an error
@@ -203,7 +204,7 @@ def load_policy(
     model: str, adapter_dir: Path | None, settings: PolicySettings, device: torch.device
 ) -> Policy:
     """The model `model` (settings.lora_r ignored), with the saved adapter on it when given."""
-    policy = Policy(dataclasses.replace(settings, model=model, lora_r=0), device)
+    policy = make_policy(dataclasses.replace(settings, model=model, lora_r=0), device)
     if adapter_dir is not None:
         attach_adapter(policy, adapter_dir)
     return policy
@@ -237,9 +238,13 @@ def unwrap_merged(policy: Policy) -> torch.nn.Module:
 
 
 def save_processor(policy: Policy, out: Path) -> None:
-    """The base model's processor as shipped (right padding), with the policy's pixel bounds."""
-    from transformers import AutoProcessor
+    """The base model's processor as shipped (right padding), with the policy's pixel bounds;
+    for a text-only model its tokenizer (and chat template) as shipped."""
+    from transformers import AutoProcessor, AutoTokenizer
 
+    if not policy.has_vision:
+        AutoTokenizer.from_pretrained(policy.path).save_pretrained(out)
+        return
     processor = AutoProcessor.from_pretrained(policy.path)
     size = dict(processor.image_processor.size)
     size["shortest_edge"], size["longest_edge"] = policy.min_pixels, policy.max_pixels
@@ -282,7 +287,9 @@ def export_merged(
             plain.to(getattr(torch, dtype))
         plain.save_pretrained(tmp)
         save_processor(policy, tmp)
-        record = {**info, "min_pixels": policy.min_pixels, "max_pixels": policy.max_pixels}
+        record = dict(info)
+        if policy.has_vision:
+            record |= {"min_pixels": policy.min_pixels, "max_pixels": policy.max_pixels}
         (tmp / EXPORT_INFO).write_text(json.dumps(record, indent=1, ensure_ascii=False))
         tmp.chmod(0o755)  # mkdtemp makes it private
         if out.exists():

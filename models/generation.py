@@ -18,6 +18,8 @@ exponential variates per row. `sample_completions` computes only what the draw n
 - it reports the log-prob of each drawn token under the distribution it was drawn from.
 Decode positions are passed explicitly: the 3-D rotary position of generated token t of a row is
 (largest position of its prompt) + 1 + t on all three axes, as in the model's training forward.
+A text-only LM gets 1-D positions the same way (models.batch.text_positions): no vision inputs,
+and the suppressed set is empty.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ from typing import Any
 import torch
 
 from grpo.types import SamplingSettings
-from models.batch import PromptBatch
-from models.logprobs import image_inputs, unwrap
+from models.batch import PromptBatch, text_positions
+from models.logprobs import image_inputs, is_text_backbone, unwrap
 
 VISION_SPECIAL_TOKENS = (
     "<|vision_start|>",
@@ -46,12 +48,17 @@ def vision_token_ids(tokenizer: Any) -> set[int]:
     return {tokenizer.convert_tokens_to_ids(t) for t in VISION_SPECIAL_TOKENS}
 
 
-def stop_token_ids(tokenizer: Any) -> set[int]:
-    """<|im_end|> ends an assistant turn; <|endoftext|> ends a document (base models)."""
-    return {
-        tokenizer.convert_tokens_to_ids("<|im_end|>"),
-        tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-    }
+def stop_token_ids(tokenizer: Any, generation_config: Any = None) -> set[int]:
+    """The tokenizer's eos, the generation config's eos ids, and <|im_end|> (ends an assistant
+    turn) and <|endoftext|> (ends a document) when the vocabulary has them."""
+    vocab = tokenizer.get_vocab()
+    ids = {vocab[t] for t in ("<|im_end|>", "<|endoftext|>") if t in vocab}
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    configured = getattr(generation_config, "eos_token_id", None)
+    if configured is not None:
+        ids.update([configured] if isinstance(configured, int) else configured)
+    return ids
 
 
 def cut_at_stop(tokens: list[int], stop_ids: set[int], pad_id: int) -> list[int]:
@@ -144,7 +151,10 @@ class Completions:
 
 
 def prompt_positions(inner: Any, prompts: PromptBatch) -> torch.Tensor:
-    """3-D rotary positions [3, P, Lp] of the left-padded prompts (0 on padding)."""
+    """Rotary positions [3, P, Lp] of the left-padded prompts (0 on padding); a text-only LM's
+    1-D ones as [1, P, Lp]."""
+    if is_text_backbone(inner):
+        return text_positions(prompts.attention_mask)[None]  # [1, P, Lp]
     positions, _ = inner.get_rope_index(
         prompts.input_ids,
         mm_token_type_ids=prompts.mm_token_type_ids,
@@ -160,6 +170,15 @@ def _prefill(
     """One forward over the P prompts: (last hidden state [P, H], KV cache, next position [P])."""
     inner = unwrap(model).model
     positions = prompt_positions(inner, prompts)  # [3, P, Lp]
+    next_position = positions.amax(dim=(0, 2)) + 1  # [P]
+    if is_text_backbone(inner):
+        out = inner(
+            input_ids=prompts.input_ids,
+            attention_mask=prompts.attention_mask,
+            position_ids=positions[0],  # [P, Lp]
+            use_cache=True,
+        )
+        return out.last_hidden_state[:, -1], out.past_key_values, next_position
     own_rows = torch.arange(prompts.num_prompts, device=prompts.input_ids.device)  # [P]
     out = inner(
         input_ids=prompts.input_ids,
@@ -170,18 +189,23 @@ def _prefill(
         use_cache=True,
         **image_inputs(prompts, own_rows, prompts.pixel_values, image_features),
     )
-    next_position = positions.amax(dim=(0, 2)) + 1  # [P]
     return out.last_hidden_state[:, -1], out.past_key_values, next_position
 
 
 def _decode_step(
     model: Any, token: torch.Tensor, mask: torch.Tensor, position: torch.Tensor, cache: Any
 ) -> torch.Tensor:
-    """Feed one token per row [A] at 3-D position `position` [A]; next logits [A, V]."""
-    out = unwrap(model).model(
+    """Feed one token per row [A] at position `position` [A] (3-D for Qwen2.5-VL, all axes
+    equal for text); next logits [A, V]."""
+    inner = unwrap(model).model
+    if is_text_backbone(inner):
+        positions = position.view(-1, 1)  # [A, 1]
+    else:
+        positions = position.view(1, -1, 1).expand(3, -1, 1)  # [3, A, 1]
+    out = inner(
         input_ids=token[:, None],
         attention_mask=mask,  # [A, cached + 1]
-        position_ids=position.view(1, -1, 1).expand(3, -1, 1),  # [3, A, 1]: text, all axes equal
+        position_ids=positions,
         past_key_values=cache,
         use_cache=True,
     )

@@ -1,4 +1,5 @@
-"""Load a Qwen2.5-VL policy: dtype policy, attention kernel choice, LoRA, checkpointing."""
+"""Load a policy model: Qwen2.5-VL or any text-only causal LM, chosen from the checkpoint's
+config; dtype policy, attention kernel choice, LoRA, checkpointing."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ from models.tiny import tiny_model_path
 # tower's blocks, so the match is anchored on `language_model`.
 LM_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 VISION_LORA_TARGETS = r".*visual\.blocks.*\.(qkv|proj|gate_proj|up_proj|down_proj)"
+# A text-only causal LM (Llama, Qwen2, ...): every attention/MLP projection of the whole model.
+TEXT_LORA_TARGETS = r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+VISION_LANGUAGE_TYPES = ("qwen2_5_vl",)  # config.model_type of the checkpoints with images
 
 
 class ModelLoadError(RuntimeError):
@@ -31,9 +35,14 @@ class LoraSettings:
 
 
 def resolve_model_path(name: str) -> str:
-    """'tiny' -> the cached tiny checkpoint; an existing directory or a hub id as given."""
+    """'tiny' -> the cached tiny checkpoint, 'smollm2' -> the converted SmolLM2-135M-Instruct;
+    an existing directory or a hub id as given."""
     if name == "tiny":
         return str(tiny_model_path())
+    if name == "smollm2":
+        from models.smollm2 import smollm2_model_path
+
+        return str(smollm2_model_path())
     if name.startswith(("/", ".", "~")) and not Path(name).expanduser().is_dir():
         raise ModelLoadError(f"model directory not found: {name}")
     return str(Path(name).expanduser()) if Path(name).expanduser().is_dir() else name
@@ -62,28 +71,47 @@ def choose_attention(device: torch.device, requested: str | None) -> str:
     return requested
 
 
+def is_vision_language(path: str) -> bool:
+    """Whether the checkpoint at `path` is a Qwen2.5-VL (images) rather than a text-only LM."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    architectures = getattr(config, "architectures", None) or []
+    return config.model_type in VISION_LANGUAGE_TYPES or any(
+        "Qwen2_5_VL" in name for name in architectures
+    )
+
+
 def load_base_model(
     name: str,
     device: torch.device,
     dtype: torch.dtype | None = None,
     attn_implementation: str | None = None,
 ) -> Any:
-    """Qwen2_5_VLForConditionalGeneration from a local path or hub id, on `device`."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    """Qwen2_5_VLForConditionalGeneration, or AutoModelForCausalLM for a text-only checkpoint,
+    from a local path or hub id, on `device`."""
+    from transformers import AutoModelForCausalLM, Qwen2_5_VLForConditionalGeneration
 
     path = resolve_model_path(name)
     attention = choose_attention(device, attn_implementation)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+    kind = Qwen2_5_VLForConditionalGeneration if is_vision_language(path) else AutoModelForCausalLM
+    model = kind.from_pretrained(
         path, dtype=dtype or default_dtype(device), attn_implementation=attention
     )
     return model.to(device)
 
 
-def add_lora(model: Any, lora: LoraSettings, gradient_checkpointing: bool = False) -> Any:
-    """Wrap `model` with a peft LoRA adapter; only adapter weights stay trainable."""
+def add_lora(
+    model: Any, lora: LoraSettings, gradient_checkpointing: bool = False, vision: bool = True
+) -> Any:
+    """Wrap `model` with a peft LoRA adapter; only adapter weights stay trainable.
+
+    vision False: a text-only LM, adapted on every projection (it has no vision tower)."""
     from peft import LoraConfig, get_peft_model
 
-    targets = LM_LORA_TARGETS
+    targets = LM_LORA_TARGETS if vision else TEXT_LORA_TARGETS
+    if lora.train_vision and not vision:
+        raise ModelLoadError("lora_vision was asked for, but the model has no vision tower")
     if lora.train_vision:
         targets = f"({LM_LORA_TARGETS})|({VISION_LORA_TARGETS})"
     config = LoraConfig(

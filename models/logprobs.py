@@ -37,7 +37,7 @@ import torch
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from grpo.types import TokenLogProbs
-from models.batch import PromptBatch, RolloutBatch
+from models.batch import PromptBatch, RolloutBatch, text_positions
 
 DEFAULT_CHUNK_TOKENS = 1024
 
@@ -47,6 +47,12 @@ def unwrap(model: Any) -> Any:
     while hasattr(model, "module"):
         model = model.module
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def is_text_backbone(inner: Any) -> bool:
+    """A text-only LM's backbone (LlamaModel, Qwen2Model, ...): no vision inputs, 1-D positions.
+    Qwen2.5-VL's is recognised by its 3-D rotary index."""
+    return not hasattr(inner, "get_rope_index")
 
 
 def encode_images(model: Any, prompts: PromptBatch) -> list[torch.Tensor]:
@@ -95,8 +101,18 @@ def backbone_hidden(
     input_ids, mm_token_type_ids and image_grid_thw go in on every call so the 3-D rotary
     positions are recomputed (generate() leaves stale `rope_deltas` on the model).
     With `image_features` (per prompt image, from `encode_images`) the vision tower is skipped.
+    A text-only LM gets input_ids, the mask and explicit 1-D positions only.
     """
     inner = unwrap(model).model
+    if is_text_backbone(inner):
+        positions = text_positions(batch.attention_mask)  # [N, Lp + T]
+        out = inner(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=positions,
+            use_cache=False,
+        )
+        return out.last_hidden_state
     vision = image_inputs(batch.prompts, batch.prompt_of_row, batch.pixel_values, image_features)
     out = inner(
         input_ids=batch.input_ids,

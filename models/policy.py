@@ -1,4 +1,7 @@
-"""The policy as the trainer sees it: a LoRA-wrapped Qwen2.5-VL plus its processor.
+"""The policy as the trainer sees it: a LoRA-wrapped Qwen2.5-VL plus its processor, or
+(TextPolicy) a LoRA-wrapped text-only causal LM plus its tokenizer. `make_policy` picks the
+class from the checkpoint's config; the two differ only in how prompts are rendered and
+encoded and in the (empty, for text) set of suppressed vision tokens.
 
 It implements grpo.types.Policy, so grpo/ never names Qwen. Every operation is the lean one:
 sampling prefills each prompt once (models.generation.sample_completions), log-probs are
@@ -18,9 +21,21 @@ from typing import Any
 import torch
 
 from grpo.types import PolicySettings, PromptInput, SamplingSettings, TokenLogProbs
-from models.batch import PromptBatch, RolloutBatch, build_rollout_batch, encode_prompts
+from models.batch import (
+    PromptBatch,
+    RolloutBatch,
+    build_rollout_batch,
+    encode_prompts,
+    encode_text_prompts,
+)
 from models.generation import Completions, sample_completions, stop_token_ids, vision_token_ids
-from models.loading import LoraSettings, add_lora, load_base_model, resolve_model_path
+from models.loading import (
+    LoraSettings,
+    add_lora,
+    is_vision_language,
+    load_base_model,
+    resolve_model_path,
+)
 from models.logprobs import completion_logprobs, encode_images, reference_logprobs
 from models.processor import fit_image, load_processor, pixel_bounds, render_prompt
 
@@ -36,6 +51,8 @@ def lora_settings(settings: PolicySettings) -> LoraSettings | None:
 class Policy:
     """Model + processor, with the handful of operations a GRPO step needs."""
 
+    has_vision = True
+
     def __init__(self, settings: PolicySettings, device: torch.device) -> None:
         dtype = getattr(torch, settings.dtype) if settings.dtype else None
         self.settings = settings
@@ -44,16 +61,22 @@ class Policy:
         model = load_base_model(self.path, device, dtype, settings.attn_implementation)
         lora = lora_settings(settings)
         model.requires_grad_(False)
-        self.model = add_lora(model, lora, settings.gradient_checkpointing) if lora else model
+        if lora:
+            model = add_lora(model, lora, settings.gradient_checkpointing, self.has_vision)
+        self.model = model
         self.model.eval()  # dropout off for good (see lora_settings)
-        self.processor = load_processor(self.path, settings.min_pixels, settings.max_pixels)
-        self.min_pixels, self.max_pixels = pixel_bounds(self.processor)
-        tokenizer = self.processor.tokenizer
-        self.pad_id: int = tokenizer.pad_token_id
-        self.stop_ids = stop_token_ids(tokenizer)
-        self.vision_ids = vision_token_ids(tokenizer)
+        self.tokenizer = self.load_inputs(settings)
+        self.pad_id: int = self.tokenizer.pad_token_id
+        self.stop_ids = stop_token_ids(self.tokenizer, getattr(model, "generation_config", None))
+        self.vision_ids = vision_token_ids(self.tokenizer) if self.has_vision else set()
         # never sampled, so never scored: their logits are -inf in every log-prob pass
         self.suppressed = torch.tensor(sorted(self.vision_ids), dtype=torch.long, device=device)
+
+    def load_inputs(self, settings: PolicySettings) -> Any:
+        """Load what turns prompts into tensors (the processor); return its tokenizer."""
+        self.processor = load_processor(self.path, settings.min_pixels, settings.max_pixels)
+        self.min_pixels, self.max_pixels = pixel_bounds(self.processor)
+        return self.processor.tokenizer
 
     # --- prompts -------------------------------------------------------------------------
     def prompt_input(self, messages: list[dict], images: list[Any]) -> PromptInput:
@@ -68,7 +91,7 @@ class Policy:
         return prompts.attention_mask.sum(1).tolist()
 
     def decode(self, completions: list[list[int]]) -> list[str]:
-        return self.processor.tokenizer.batch_decode(completions, skip_special_tokens=True)
+        return self.tokenizer.batch_decode(completions, skip_special_tokens=True)
 
     # --- sampling and batches -------------------------------------------------------------
     def sample(
@@ -157,3 +180,51 @@ class Policy:
 
     def describe(self) -> dict[str, Any]:
         return {"base_model": self.settings.model, "base_model_path": self.path}
+
+
+def plain_message(message: dict) -> dict:
+    """A message whose content is a list of parts -> the same with its text parts joined: not
+    every text model's chat template accepts Qwen-VL's content lists."""
+    content = message["content"]
+    if isinstance(content, str):
+        return message
+    if any(part.get("type") != "text" for part in content):
+        raise ValueError("a text-only model was given a message with non-text parts")
+    return {**message, "content": "".join(part["text"] for part in content)}
+
+
+class TextPolicy(Policy):
+    """A text-only causal LM (Llama, Qwen2, ...): the tokenizer and its chat template stand in
+    for the processor, nothing is suppressed, and no vision code runs."""
+
+    has_vision = False
+
+    def load_inputs(self, settings: PolicySettings) -> Any:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(self.path, padding_side="left")
+        if tokenizer.pad_token_id is None:  # a pad id is needed for batches, never scored
+            tokenizer.pad_token = tokenizer.eos_token
+        self.processor = None
+        self.min_pixels = self.max_pixels = None
+        return tokenizer
+
+    def prompt_input(self, messages: list[dict], images: list[Any]) -> PromptInput:
+        if images:
+            raise ValueError(f"{self.path} is a text-only model; this prompt has images")
+        text = self.tokenizer.apply_chat_template(
+            [plain_message(m) for m in messages], tokenize=False, add_generation_prompt=True
+        )
+        return PromptInput(text, [])
+
+    def encode(self, prompts: list[PromptInput]) -> PromptBatch:
+        return encode_text_prompts(self.tokenizer, prompts, self.device)
+
+    def image_features(self, prompts: PromptBatch) -> None:
+        return None
+
+
+def make_policy(settings: PolicySettings, device: torch.device) -> Policy:
+    """Policy for a Qwen2.5-VL checkpoint, TextPolicy for any other causal LM."""
+    vision = is_vision_language(resolve_model_path(settings.model))
+    return (Policy if vision else TextPolicy)(settings, device)

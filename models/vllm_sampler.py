@@ -119,6 +119,14 @@ def check_cpu_head_size(config: Any) -> None:
         )
 
 
+def model_length(config: Any, wanted: int) -> int:
+    """`wanted` capped at the model's max_position_embeddings: vLLM refuses a longer context
+    (a small text model may be trained for 2048 positions, below the 4096 default)."""
+    text = getattr(config, "text_config", config)
+    limit = getattr(text, "max_position_embeddings", None)
+    return min(wanted, int(limit)) if limit else wanted
+
+
 def engine_arguments(policy: Any, settings: VLLMSettings) -> dict[str, Any]:
     """Keyword arguments of vllm.LLM for a sampler colocated with `policy`."""
     on_cpu = policy.device.type == "cpu"
@@ -129,17 +137,17 @@ def engine_arguments(policy: Any, settings: VLLMSettings) -> dict[str, Any]:
         "model": policy.path,
         "dtype": dtype,
         "seed": settings.seed + _process_rank(),
-        "max_model_len": settings.max_model_len,
+        "max_model_len": model_length(policy.model.config, settings.max_model_len),
         "gpu_memory_utilization": settings.gpu_memory_utilization,
         "enforce_eager": on_cpu if settings.enforce_eager is None else settings.enforce_eager,
         "tensor_parallel_size": 1,
-        "limit_mm_per_prompt": {"image": settings.max_images_per_prompt},
-        # the images arrive sized by the policy; keep vLLM's processor on the same bounds
-        "mm_processor_kwargs": {
-            "size": {"shortest_edge": policy.min_pixels, "longest_edge": policy.max_pixels}
-        },
         "logprobs_mode": "processed_logprobs",
     }
+    if policy.has_vision:
+        args["limit_mm_per_prompt"] = {"image": settings.max_images_per_prompt}
+        # the images arrive sized by the policy; keep vLLM's processor on the same bounds
+        size = {"shortest_edge": policy.min_pixels, "longest_edge": policy.max_pixels}
+        args["mm_processor_kwargs"] = {"size": size}
     kv_gib = settings.kv_cache_gib if settings.kv_cache_gib is not None else (1 if on_cpu else None)
     if kv_gib is not None:
         args["kv_cache_memory_bytes"] = int(kv_gib * 2**30)
@@ -223,7 +231,7 @@ class VLLMSampler:
     def _vision_words(self, policy: Any) -> list[str]:
         """The vision special tokens as strings, checked to be single tokens in the engine's
         tokenizer (vLLM bans a bad word's last token; it must be the special token itself)."""
-        words = policy.processor.tokenizer.convert_ids_to_tokens(sorted(policy.vision_ids))
+        words = policy.tokenizer.convert_ids_to_tokens(sorted(policy.vision_ids))
         tokenizer = self.llm.get_tokenizer()
         encoded = [tokenizer.encode(word, add_special_tokens=False) for word in words]
         if encoded != [[i] for i in sorted(policy.vision_ids)]:
@@ -239,7 +247,7 @@ class VLLMSampler:
             "max_tokens": settings.max_new_tokens,
             "logprobs": 0,  # the sampled token's log-prob only
             "stop_token_ids": self.stop_ids,
-            "bad_words": self.banned_words,
+            "bad_words": self.banned_words or None,  # none for a text-only model
             "detokenize": False,
         }
         if settings.greedy:

@@ -29,6 +29,7 @@ from grpo.types import (
 from models import BACKEND, make_sampler
 from models.batch import PromptBatch, RolloutBatch, encode_prompts, repeat_images
 from models.generation import Completions, cut_at_stop, stop_token_ids, vision_token_ids
+from models.logprobs import is_text_backbone, unwrap
 from models.policy import Policy
 
 
@@ -41,14 +42,20 @@ def naive_completion_logprobs(
 ) -> TokenLogProbs:
     """The straightforward computation, for tests and `bench --naive`: the model's logits for
     every position, a float32 log_softmax over the whole vocabulary, the images encoded once
-    per row, then the completion positions picked out. [N, T] (entropy detached)."""
+    per row, then the completion positions picked out. [N, T] (entropy detached).
+    A text-only LM gets input_ids and the mask only (its own default positions)."""
+    vision = {}
+    if not is_text_backbone(unwrap(model).model):
+        vision = {
+            "mm_token_type_ids": batch.mm_token_type_ids,
+            "pixel_values": batch.pixel_values,
+            "image_grid_thw": batch.image_grid_thw,
+        }
     out = model(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
-        mm_token_type_ids=batch.mm_token_type_ids,
-        pixel_values=batch.pixel_values,
-        image_grid_thw=batch.image_grid_thw,
         use_cache=False,
+        **vision,
     )
     logits = out.logits.float() / temperature  # [N, Lp + T, V]
     if suppressed is not None:
