@@ -108,7 +108,7 @@ def test_arith_preset_is_sized_for_smollm2_on_cpu():
     assert (config.model, config.num_generations, config.max_completion_length) == (
         "smollm2",
         8,
-        96,
+        64,
     )
     assert config.lora_r == 16 and 1e-5 <= config.learning_rate <= 5e-5
     assert config.beta == 0.0 and config.temperature == 1.0
