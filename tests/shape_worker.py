@@ -118,11 +118,6 @@ def one_step(model: Path, dtype: str, sampler: str, work: Path) -> tuple[Any, di
     }
 
 
-def release(*objects: Any) -> None:
-    del objects
-    gc.collect()
-
-
 def main(fixture: str, dtype: str, text_layers: int, out: Path) -> None:
     start = time.perf_counter()
     published = json.loads(Path(fixture).read_text())
@@ -130,8 +125,8 @@ def main(fixture: str, dtype: str, text_layers: int, out: Path) -> None:
     result: dict[str, Any] = {"model": str(model), "build_seconds": time.perf_counter() - start}
 
     trainer, result["hf_step"] = one_step(model, dtype, "hf", out)
-    release(trainer)
-    trainer = None
+    trainer = None  # the last reference: the model's memory goes back before the next load
+    gc.collect()
 
     trainer, result["vllm_step"] = one_step(model, dtype, "vllm", out)
     policy, engine = trainer.policy, trainer.sampler
@@ -149,8 +144,8 @@ def main(fixture: str, dtype: str, text_layers: int, out: Path) -> None:
         out / "run-vllm", 1, policy, trainer_state(trainer), run_info(trainer), None
     )
     engine.close()
-    release(trainer, policy, engine)
     trainer = policy = engine = None
+    gc.collect()
 
     t0 = time.perf_counter()
     exported = export_checkpoint(str(ckpt), str(out / "merged"))
