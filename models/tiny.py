@@ -14,6 +14,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -117,6 +118,61 @@ def _write_tiny_checkpoint(out_dir: Path, spec: TinySpec, seed: int) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path())
     build_processor(tokenizer).save_pretrained(out_dir)
     (out_dir / "tiny_spec.json").write_text(json.dumps({**asdict(spec), "seed": seed}, indent=1))
+
+
+def shaped_config(published: dict[str, Any], text_layers: int, vision_layers: int):
+    """Qwen2_5_VLConfig of a published config.json with only the layer counts cut.
+
+    Every width, head count, head_dim, rope setting, vocabulary size and tie setting stays as
+    published; the vision tower keeps one windowed block and ends on a full-attention one
+    (the published towers interleave them), so both attention paths run.
+    """
+    from transformers import Qwen2_5_VLConfig
+
+    config = json.loads(json.dumps(published))  # a deep copy: the caller's dict stays as given
+    config["num_hidden_layers"] = text_layers
+    config["pad_token_id"] = SPECIAL_TOKENS["<|endoftext|>"]
+    vision = config["vision_config"]
+    vision["depth"] = vision_layers
+    vision["fullatt_block_indexes"] = [vision_layers - 1]
+    return Qwen2_5_VLConfig.from_dict(config)
+
+
+def _write_shaped_checkpoint(
+    out_dir: Path, published: dict[str, Any], text_layers: int, vision_layers: int, dtype: str
+) -> None:
+    from transformers import AutoTokenizer, GenerationConfig, Qwen2_5_VLForConditionalGeneration
+
+    from models.processor import build_processor
+
+    torch.manual_seed(0)
+    config = shaped_config(published, text_layers, vision_layers)
+    # built directly in the target dtype: a 72B-wide model in float32 would need twice the RAM
+    model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=getattr(torch, dtype))
+    model.generation_config = GenerationConfig(
+        eos_token_id=[SPECIAL_TOKENS["<|im_end|>"], SPECIAL_TOKENS["<|endoftext|>"]],
+        pad_token_id=SPECIAL_TOKENS["<|endoftext|>"],
+    )
+    model.save_pretrained(out_dir)
+    del model
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path())
+    build_processor(tokenizer).save_pretrained(out_dir)
+
+
+def shaped_model_path(
+    published: dict[str, Any], text_layers: int = 1, vision_layers: int = 2, dtype: str = "float32"
+) -> Path:
+    """A cached checkpoint with a real model's shapes (`published`: its config.json as a dict),
+    `text_layers` / `vision_layers` deep, random weights (the config's initializer_range,
+    0.02: logits stay finite and near-uniform), the offline Qwen2.5 tokenizer and processor.
+    """
+    blob = json.dumps([published, text_layers, vision_layers, dtype], sort_keys=True)
+    key = hashlib.sha1(blob.encode()).hexdigest()[:8]
+    target = cache_root() / f"shaped-qwen2.5-vl-v{TINY_VERSION}-{key}"
+    return build_once(
+        target,
+        lambda out: _write_shaped_checkpoint(out, published, text_layers, vision_layers, dtype),
+    )
 
 
 def tiny_model_path(seed: int = 0, spec: TinySpec | None = None) -> Path:
