@@ -1,23 +1,12 @@
 """The published Qwen2.5-VL architectures (3B, 7B, 72B), built few layers deep.
 
-This file checks that the built checkpoints carry the published shapes. The full pipeline
-per shape (train, sync, export, below) lives on branch `shapes` until it fits this machine:
-its 3B case was killed by the kernel at 10.3 GB while vLLM loaded the checkpoint.
-
-tests/fixtures/qwen2.5-vl-*-instruct.config.json are the models' published config.json files.
-Each case builds a checkpoint with exactly those shapes (widths, heads and KV heads, head_dim
-128, mrope_section, tied or untied embeddings, vocabulary, vision tower), cut to few layers,
-random weights, the real tokenizer (models/tiny.py shaped_model_path), and runs it in a
-process of its own (tests/shape_worker.py): one train_step with each sampler, a strong LoRA
-change synced into vLLM, the merged export reloaded in transformers and in vLLM. Each case's
-peak RSS and time are printed in pytest's terminal summary.
-
-dtype: 3B and 7B in float32. The 72B shape runs in bfloat16 (trainer and vLLM): its two
-152064 x 8192 embedding matrices and one 8192-wide layer are ~13.5 GB in float32, twice that
-with the engine's copy, more than this 24 GiB machine holds; in bf16 the pair is ~13.5 GB.
-Greedy comparisons are exact in float32. In bf16 two kernels (or a merged vs an unmerged
-weight) may round a near-tie the other way: a difference is accepted only where the two
-tokens' logits under the policy are within BF16_TIE of each other at the first divergence.
+tests/fixtures/qwen2.5-vl-*-instruct.config.json are the models' published config.json files;
+models/tiny.py shaped_model_path builds a checkpoint with exactly those shapes (widths, heads
+and KV heads, head_dim 128, mrope_section, tied or untied embeddings, vocabulary, vision
+tower), cut to few layers, random weights, the real tokenizer. Here: the built configs are the
+published ones. The full pipeline per shape (a train step with each sampler, sync, export
+reloaded in transformers and vLLM) is on branch `shapes` until it fits this machine: its 3B
+case was killed at 10.3 GB while vLLM loaded the checkpoint.
 """
 
 from __future__ import annotations
