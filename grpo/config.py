@@ -104,6 +104,7 @@ class TrainConfig:
     min_pixels: int | None = None
     max_pixels: int | None = None
     logprob_chunk_tokens: int = 1024
+    packing: bool = False  # padding-free log-prob passes (text models only; models/packing.py)
     # checkpoints and logging
     save_steps: int = 50  # 0: only the final checkpoint (the final one is always saved)
     save_total_limit: int | None = 3
@@ -138,6 +139,7 @@ class TrainConfig:
             min_pixels=self.min_pixels,
             max_pixels=self.max_pixels,
             chunk_tokens=self.logprob_chunk_tokens,
+            packing=self.packing,
         )
 
     def sampler_settings(self, max_images_per_prompt: int = 1) -> SamplerSettings:
