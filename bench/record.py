@@ -28,6 +28,12 @@ def _git(*args: str) -> str:
     return done.stdout.strip()
 
 
+# stamped when the bench starts (it imports this module), not when it ends: a long bench must
+# not take the commit that HEAD moved to meanwhile
+COMMIT = _git("rev-parse", "HEAD")
+DIRTY = bool(_git("status", "--porcelain", "--untracked-files=no"))
+
+
 def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo ("" where there is none)."""
     try:
@@ -55,8 +61,8 @@ def append_result(bench: str, record: dict[str, Any]) -> dict[str, Any]:
     """Stamp `record` and append it as one JSON line; returns the stamped line."""
     line = {
         "bench": bench,
-        "commit": _git("rev-parse", "HEAD"),
-        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "commit": COMMIT,
+        "dirty": DIRTY,
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
         **record,
