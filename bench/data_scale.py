@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.record import append_result
 
 DISTINCT = 24
 ROW_GROUP = 1000
@@ -182,7 +183,9 @@ def main() -> None:
                 key = f"{kind}_{n}_{phase}"
                 results[key] = run(path, args.workers, str(cache))
                 report(f"{kind} {n} {phase} ({args.workers} workers)", results[key])
-    print(json.dumps({"bench": "data_scale", "workers": args.workers, **results}))
+    line = {"bench": "data_scale", "workers": args.workers, **results}
+    print(json.dumps(line))
+    append_result("data_scale", {k: v for k, v in line.items() if k != "bench"})
 
 
 if __name__ == "__main__":

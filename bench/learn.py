@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import models
+from bench.record import append_result
 from grpo import distributed
 from grpo.config import load_config
 from grpo.evaluation import EvalSettings, evaluate
@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
         "plot": str(Path(args.output_dir) / "reward_curve.png"),
     }
     print(json.dumps(summary, indent=1))
+    append_result("learn", summary)
 
 
 if __name__ == "__main__":

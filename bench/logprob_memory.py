@@ -198,6 +198,10 @@ def main(argv: list[str] | None = None) -> None:
         )
         print(json.dumps(records[-1]), flush=True)
     print_table(records, setup)
+    from bench.record import append_result
+
+    for record in records:
+        append_result("logprob_memory", record)
 
 
 def print_table(records: list[dict], setup: Setup) -> None:

@@ -21,9 +21,9 @@ from pathlib import Path
 # This file is called rewards.py too: put the repository first so `import rewards` finds
 # the package, not this script.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from rapidfuzz.distance import Levenshtein
 
+from bench.record import append_result
 from rewards import get_reward
 from rewards.edit_distance import (
     ImportantChars,
@@ -96,6 +96,8 @@ def bench_edit_distance(quick: bool) -> None:
             rates = [pairs_per_second(fn, pairs) for fn in implementations.values()]
             label = f"{length:>6} {kind:>6}  "
             print(label + "".join(f"{rate:>24,.0f}" for rate in rates))
+            rows = dict(zip(implementations, (round(r) for r in rates), strict=True))
+            append_result("edit_distance", {"length": length, "kind": kind, "pairs_per_s": rows})
 
 
 def bench_rewards() -> None:
@@ -128,7 +130,9 @@ def bench_rewards() -> None:
         start = time.perf_counter()
         for _ in range(runs):
             fn(completions, solution=solutions)
-        print(f"{name:>14}: {(time.perf_counter() - start) / runs * 1e3:8.2f} ms")
+        ms = (time.perf_counter() - start) / runs * 1e3
+        print(f"{name:>14}: {ms:8.2f} ms")
+        append_result("rewards", {"reward": name, "batch": batch, "ms_per_batch": round(ms, 3)})
 
 
 def main() -> None:

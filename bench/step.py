@@ -1,8 +1,12 @@
 """Time of one GRPO step, lean paths against the straightforward ones, in one run.
 
-The workload is fixed: the tiny Qwen2.5-VL with the real 151,936-token vocabulary, the built-in
-OCR data, 2 prompts x G=4 completions of 32 new tokens, LoRA r=8 on the language model,
-float32, one optimizer pass (mu = 1). Each configuration (sampler x beta x lean/naive) runs in
+Two fixed workloads, float32, one optimizer pass (mu = 1):
+- the default: the tiny Qwen2.5-VL with the real 151,936-token vocabulary, the built-in OCR
+  data, 2 prompts x G=4 completions of 32 new tokens, LoRA r=8 on the language model;
+- any real `--model` (e.g. `--model smollm2 --task arith`): 4 prompts x G=8 x 64 new tokens,
+  LoRA r=16 on every linear layer of the language model.
+--prompts, --group, --tokens, --lora-r override either; --packing turns on padding-free
+log-prob passes (text models). Each configuration (sampler x beta x lean/naive) runs in
 a fresh interpreter through grpo.trainer's own `build_trainer` and `train_step`: --warmup steps,
 then --steps timed steps. One JSON line per configuration:
 
@@ -17,6 +21,8 @@ then --steps timed steps. One JSON line per configuration:
                                                model almost never samples a stop token)
     peak_rss_mib                               the worker's peak resident set size
 
+Every line is also appended to bench/results.jsonl with the commit and machine (bench/record.py).
+
 --naive trains through tests/naive.py's NAIVE_BACKEND: transformers' generate (prompts repeated G
 times before the prefill, multinomial over the whole vocabulary), a full-sequence,
 full-vocabulary float32 log_softmax for the policy and the reference, and the images encoded
@@ -26,6 +32,7 @@ once per completion.
     python bench/step.py --compare                    # transformers sampler, beta 0.04 and 0
     python bench/step.py --compare --sampler both --threads 1
     python bench/step.py --naive --beta 0 --steps 3
+    python bench/step.py --model smollm2 --task arith --compare --sampler both
 
 Figures are printed, never asserted. On a shared machine, pass --threads 1 for steadier numbers:
 with more OpenMP threads than free cores, every small kernel waits for a descheduled thread.
@@ -45,26 +52,40 @@ from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the project's packages before bench/'s own modules (bench/rewards.py)
+from bench.record import append_result  # noqa: E402
+
 TIMERS = ("time/sample", "time/reward", "time/logprobs", "time/backward", "time/sync")
 
 
-def workload(sampler: str, beta: float, naive: bool, model: str, output_dir: str) -> Any:
+TINY_SHAPE = {"prompts": 2, "group": 4, "tokens": 32, "lora_r": 8}
+REAL_SHAPE = {"prompts": 4, "group": 8, "tokens": 64, "lora_r": 16}
+
+
+def shape(args: argparse.Namespace) -> dict[str, int]:
+    """prompts, group, tokens, lora_r: the model's workload with the flags that override it."""
+    base = TINY_SHAPE if (args.model or "tiny") == "tiny" else REAL_SHAPE
+    return {key: getattr(args, key) or value for key, value in base.items()}
+
+
+def workload(args: argparse.Namespace, output_dir: str) -> Any:
     """The TrainConfig of the benchmark workload."""
     from grpo.config import TrainConfig
 
+    size = shape(args)
     return TrainConfig(
-        task="ocr",
-        model=model,
+        task=args.task,
+        model=args.model or "tiny",
         output_dir=output_dir,
         seed=0,
         max_steps=10_000,
-        prompts_per_step=2,
-        num_generations=4,
-        max_completion_length=32,
+        prompts_per_step=size["prompts"],
+        num_generations=size["group"],
+        max_completion_length=size["tokens"],
         num_iterations=1,
-        beta=beta,
-        sampler=sampler,
-        lora_r=8,
+        beta=args.beta,
+        sampler=args.sampler,
+        lora_r=size["lora_r"],
+        packing=args.packing,
         dtype="float32",
         save_steps=0,
         log_completions_steps=0,
@@ -85,7 +106,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
 
     model = args.model or "tiny"
     with tempfile.TemporaryDirectory() as out:
-        config = workload(args.sampler, args.beta, args.naive, model, out)
+        config = workload(args, out)
         from models import BACKEND
         from tests.naive import NAIVE_BACKEND
 
@@ -101,6 +122,9 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         "naive": args.naive,
         "threads": threads,
         "model": model,
+        "task": args.task,
+        "packing": args.packing,
+        **shape(args),
         "steps": args.steps,
         "step_time_median": round(statistics.median(times), 3),
         "step_time_min": round(min(times), 3),
@@ -124,6 +148,10 @@ def measure(args: argparse.Namespace, sampler: str, beta: float, naive: bool) ->
     command += ["--naive"] if naive else []
     command += ["--threads", str(args.threads)] if args.threads else []
     command += ["--model", args.model] if args.model else []
+    command += ["--task", args.task] + (["--packing"] if args.packing else [])
+    for key in ("prompts", "group", "tokens", "lora_r"):
+        if getattr(args, key):
+            command += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     env = {**os.environ, "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
@@ -145,6 +173,8 @@ def ratio(lean: dict[str, Any], naive: dict[str, Any]) -> dict[str, Any]:
             if lean[key] > 0
         },
         "peak_rss_mib": round(naive["peak_rss_mib"] / lean["peak_rss_mib"], 2),
+        "completion_length_lean": lean["completion_length_mean"],
+        "completion_length_naive": naive["completion_length_mean"],
     }
 
 
@@ -162,6 +192,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--threads", type=int, default=None, help="torch threads (default: torch's)"
     )
     parser.add_argument("--model", default=None, help="checkpoint dir (default: the tiny model)")
+    parser.add_argument("--task", default="ocr", help="the task (default: ocr)")
+    parser.add_argument("--packing", action="store_true", help="padding-free log-prob passes")
+    for key in ("prompts", "group", "tokens", "lora-r"):
+        parser.add_argument(f"--{key}", type=int, default=None, help="override the workload")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker and args.sampler == "both":
@@ -184,8 +218,11 @@ def main(argv: list[str] | None = None) -> None:
             for naive in variants:
                 records[naive] = measure(args, sampler, beta, naive)
                 print(json.dumps(records[naive]), flush=True)
+                append_result("step", records[naive])
             if args.compare:
-                print(json.dumps(ratio(records[False], records[True])), flush=True)
+                line = ratio(records[False], records[True])
+                print(json.dumps(line), flush=True)
+                append_result("step", line)
 
 
 if __name__ == "__main__":

@@ -24,9 +24,9 @@ import time
 from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import torch
 
+from bench.record import append_result
 from grpo.types import PolicySettings
 from models.merge import merged_lora_weights, merged_state_dict
 from models.policy import Policy
@@ -115,6 +115,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'sync':<22}{'tensors':>9}{'MiB':>10}{'median ms':>12}")
     for name, count, mb, seconds in timings:
         print(f"{name:<22}{count:>9}{mb:>10.1f}{seconds * 1000:>12.1f}")
+        line = {"model": str(policy.path), "sync": name, "tensors": count, "mib": round(mb, 1)}
+        append_result("sync", {**line, "median_ms": round(seconds * 1000, 1)})
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import math
 import types
 import typing
@@ -17,12 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from grpo.loss import LossSettings
 from grpo.sampler_correction import IS_MODES, CorrectionSettings
 from grpo.types import PolicySettings, SamplerSettings, SamplingSettings
 
+# The sampler "auto" picks on a CPU: the faster one on SmolLM2 here (README, Speed; measured with
+# bench/step.py and bench/sampling.py). On CUDA "auto" is vLLM.
+CPU_SAMPLER = "hf"
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -83,7 +88,7 @@ class TrainConfig:
     is_upper: float | None = None
     off_policy_delta: float | None = None  # DeepSeek-V3.2 off-policy sequence masking
     # sampling
-    sampler: str = "hf"  # hf | vllm
+    sampler: str = "auto"  # hf | vllm | auto: vllm on CUDA (if installed), else CPU_SAMPLER
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -104,6 +109,7 @@ class TrainConfig:
     min_pixels: int | None = None
     max_pixels: int | None = None
     logprob_chunk_tokens: int = 1024
+    packing: bool = False  # padding-free log-prob passes (text models only; models/packing.py)
     # checkpoints and logging
     save_steps: int = 50  # 0: only the final checkpoint (the final one is always saved)
     save_total_limit: int | None = 3
@@ -138,11 +144,20 @@ class TrainConfig:
             min_pixels=self.min_pixels,
             max_pixels=self.max_pixels,
             chunk_tokens=self.logprob_chunk_tokens,
+            packing=self.packing,
         )
+
+    @property
+    def sampler_backend(self) -> str:
+        """The sampler that runs: `sampler`, or for "auto" vLLM on CUDA, CPU_SAMPLER on a CPU."""
+        if self.sampler != "auto":
+            return self.sampler
+        has_vllm = importlib.util.find_spec("vllm") is not None
+        return "vllm" if has_vllm and torch.cuda.is_available() else CPU_SAMPLER
 
     def sampler_settings(self, max_images_per_prompt: int = 1) -> SamplerSettings:
         return SamplerSettings(
-            backend=self.sampler,
+            backend=self.sampler_backend,
             gpu_memory_utilization=self.vllm_gpu_memory_utilization,
             max_model_len=self.vllm_max_model_len,
             sync=self.vllm_sync,
@@ -327,7 +342,7 @@ def load_config(argv: list[str] | None = None) -> TrainConfig:
 CHOICES: dict[str, tuple[str, ...]] = {
     "scale_rewards": ("group", "batch", "none"),
     "lr_scheduler": ("cosine", "linear", "constant"),
-    "sampler": ("hf", "vllm"),
+    "sampler": ("hf", "vllm", "auto"),
     "vllm_sync": ("merged", "adapter"),
     "reward_aggregation": ("sum", "normalize_then_sum"),
     "is_mode": (*IS_MODES, None),

@@ -75,7 +75,7 @@ def eval_settings(config: TrainConfig) -> EvalSettings:
     return EvalSettings(
         max_new_tokens=config.max_completion_length,
         batch_size=config.eval_batch_size,
-        sampler=config.sampler,
+        sampler=config.sampler_backend,
         rewards=config.rewards,
     )
 

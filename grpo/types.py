@@ -82,6 +82,7 @@ class PolicySettings:
     min_pixels: int | None = None  # None: the checkpoint's processor setting
     max_pixels: int | None = None
     chunk_tokens: int = 1024  # tokens per vocabulary-projection chunk in log-prob passes
+    packing: bool = False  # log-prob passes over one padding-free sequence (text models only)
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 
 from grpo.types import TokenLogProbs
 from models.batch import PromptBatch, RolloutBatch, text_positions
+from models.packing import PackingError, bin_capacity, pack_rows, packed_hidden, packing_refusal
 
 DEFAULT_CHUNK_TOKENS = 1024
 
@@ -242,9 +243,27 @@ def token_logprobs(
     n, t = targets.shape
     where = mask.reshape(-1).nonzero().squeeze(-1)  # [M] flat indices of scored tokens
     h = hidden.reshape(n * t, -1)[where]  # [M, H]
+    return scored_logprobs(
+        h, weight, targets, where, temperature, with_entropy, chunk_tokens, suppressed
+    )
+
+
+def scored_logprobs(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    where: torch.Tensor,
+    temperature: float,
+    with_entropy: bool,
+    chunk_tokens: int,
+    suppressed: torch.Tensor | None,
+) -> TokenLogProbs:
+    """Log-probs [N, T] (0 off `where`) from h [M, H], the hidden states predicting the M
+    scored tokens targets.view(-1)[where] (where [M]: flat indices into [N, T])."""
+    n, t = targets.shape
     y = targets.reshape(-1)[where]  # [M]
-    logp = hidden.new_zeros(n * t, dtype=_logit_dtype(hidden))  # [N*T]
-    entropy = hidden.new_zeros(n * t, dtype=_logit_dtype(hidden))  # [N*T]
+    logp = h.new_zeros(n * t, dtype=_logit_dtype(h))  # [N*T]
+    entropy = h.new_zeros(n * t, dtype=_logit_dtype(h))  # [N*T]
     pieces, entropies = [], []
     for start in range(0, where.numel(), chunk_tokens):
         chunk = slice(start, start + chunk_tokens)
@@ -272,8 +291,14 @@ def completion_logprobs(
     image_features: list[torch.Tensor] | None = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     suppressed: torch.Tensor | None = None,
+    packing: bool = False,
 ) -> TokenLogProbs:
-    """Float32 log-probs [N, T] of the completion tokens under `model` (LoRA as it is set)."""
+    """Float32 log-probs [N, T] of the completion tokens under `model` (LoRA as it is set).
+    packing: one padding-free pass over the rows' real tokens (models/packing.py)."""
+    if packing:
+        return packed_completion_logprobs(
+            model, batch, temperature, with_entropy, chunk_tokens, suppressed
+        )
     hidden = backbone_hidden(model, batch, image_features)  # [N, Lp + T, H]
     lp, t = batch.prompt_length, batch.completion_ids.shape[1]
     predicting = hidden[:, lp - 1 : lp - 1 + t]  # [N, T, H]: position p predicts token p + 1
@@ -290,6 +315,41 @@ def completion_logprobs(
     )
 
 
+def packed_completion_logprobs(
+    model: Any,
+    batch: RolloutBatch,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    suppressed: torch.Tensor | None = None,
+) -> TokenLogProbs:
+    """`completion_logprobs` through packed bins (text-only LMs; PackingError otherwise).
+
+    Completion token t of row i sits at column Lp + t; the hidden state predicting it is the
+    one of column Lp + t - 1, found in the packed output through PackedBatch.slot.
+    """
+    inner = unwrap(model)
+    if reason := packing_refusal(inner):
+        raise PackingError(reason)
+    capacity = bin_capacity(inner, batch.attention_mask)
+    packed = pack_rows(batch.input_ids, batch.attention_mask, capacity)  # [B, C]
+    hidden = packed_hidden(inner, packed)  # [B * C, H]
+    lp, t = batch.prompt_length, batch.completion_ids.shape[1]
+    where = batch.completion_mask.reshape(-1).nonzero().squeeze(-1)  # [M]
+    predictor = packed.slot[:, lp - 1 : lp - 1 + t].reshape(-1)[where]  # [M] packed slots
+    weight = inner.lm_head.weight  # [V, H]
+    return scored_logprobs(
+        hidden[predictor],  # [M, H]
+        weight,
+        batch.completion_ids,
+        where,
+        temperature,
+        with_entropy,
+        chunk_tokens,
+        suppressed,
+    )
+
+
 def reference_logprobs(
     model: Any,
     batch: RolloutBatch,
@@ -297,9 +357,10 @@ def reference_logprobs(
     image_features: list[torch.Tensor] | None = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     suppressed: torch.Tensor | None = None,
+    packing: bool = False,
 ) -> torch.Tensor:
     """Log-probs [N, T] under the frozen reference: the same model with its adapter disabled."""
     with torch.no_grad(), model.disable_adapter():
         return completion_logprobs(
-            model, batch, temperature, False, image_features, chunk_tokens, suppressed
+            model, batch, temperature, False, image_features, chunk_tokens, suppressed, packing
         ).logp

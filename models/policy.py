@@ -36,7 +36,8 @@ from models.loading import (
     load_base_model,
     resolve_model_path,
 )
-from models.logprobs import completion_logprobs, encode_images, reference_logprobs
+from models.logprobs import completion_logprobs, encode_images, reference_logprobs, unwrap
+from models.packing import PackingError, packing_refusal
 from models.processor import fit_image, load_processor, pixel_bounds, render_prompt
 
 
@@ -65,6 +66,8 @@ class Policy:
             model = add_lora(model, lora, settings.gradient_checkpointing, self.has_vision)
         self.model = model
         self.model.eval()  # dropout off for good (see lora_settings)
+        if settings.packing and (reason := packing_refusal(unwrap(model))):
+            raise PackingError(f"--packing refused for {self.path}: {reason}")
         self.tokenizer = self.load_inputs(settings)
         self.pad_id: int = self.tokenizer.pad_token_id
         self.stop_ids = stop_token_ids(self.tokenizer, getattr(model, "generation_config", None))
@@ -142,6 +145,7 @@ class Policy:
             image_features,
             self.settings.chunk_tokens,
             self.suppressed,
+            self.settings.packing,
         )
 
     def reference_logprobs(
@@ -158,6 +162,7 @@ class Policy:
             image_features,
             self.settings.chunk_tokens,
             self.suppressed,
+            self.settings.packing,
         )
 
     # --- training state -------------------------------------------------------------------

@@ -70,6 +70,7 @@ class VLLMSettings:
     seed: int = 0  # the engine of rank r uses seed + r
     enforce_eager: bool | None = None  # None: True on CPU (no graphs there), False on GPU
     kv_cache_gib: float | None = None  # None: 1 GiB on CPU, sized by utilization on GPU
+    chunked_prefill: bool | None = None  # None: vLLM's default
     max_images_per_prompt: int = 1
 
 
@@ -151,6 +152,8 @@ def engine_arguments(policy: Any, settings: VLLMSettings) -> dict[str, Any]:
     kv_gib = settings.kv_cache_gib if settings.kv_cache_gib is not None else (1 if on_cpu else None)
     if kv_gib is not None:
         args["kv_cache_memory_bytes"] = int(kv_gib * 2**30)
+    if settings.chunked_prefill is not None:
+        args["enable_chunked_prefill"] = settings.chunked_prefill
     if settings.sync == "adapter":
         args |= {"enable_lora": True, "max_loras": 1, "max_lora_rank": _lora_rank(policy.model)}
     if settings.sleep and not on_cpu:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from grpo.types import (
     ModelBackend,
+    PolicySettings,
     PromptInput,
     Rollout,
     Sampler,
@@ -27,10 +28,17 @@ from grpo.types import (
     TokenLogProbs,
 )
 from models import BACKEND, make_sampler
-from models.batch import PromptBatch, RolloutBatch, encode_prompts, repeat_images
+from models.batch import (
+    PromptBatch,
+    RolloutBatch,
+    encode_prompts,
+    encode_text_prompts,
+    repeat_images,
+)
 from models.generation import Completions, cut_at_stop, stop_token_ids, vision_token_ids
+from models.loading import is_vision_language, resolve_model_path
 from models.logprobs import is_text_backbone, unwrap
-from models.policy import Policy
+from models.policy import Policy, TextPolicy
 
 
 def naive_completion_logprobs(
@@ -94,13 +102,20 @@ def generate_kwargs(
 
     input_ids [N, Lp] is the left-padded prompt batch with each prompt repeated n times; the
     vision special tokens are suppressed, and sampling is plain sampling at the temperature.
+    `processor` may be a text-only model's tokenizer: then no vision inputs, nothing suppressed.
     """
-    tokenizer = processor.tokenizer
-    batch = encode_prompts(processor, prompts, device)
+    text_only = not hasattr(processor, "image_processor")
+    tokenizer = processor if text_only else processor.tokenizer
+    if text_only:
+        batch = encode_text_prompts(tokenizer, prompts, device)
+    else:
+        batch = encode_prompts(processor, prompts, device)
     rows = [j for j in range(batch.num_prompts) for _ in range(n)]
     index = torch.tensor(rows, device=device)  # [N]
     pixels, grids = repeat_images(batch, rows)
     extra = {} if pixels is None else {"pixel_values": pixels, "image_grid_thw": grids}
+    if not text_only:
+        extra["mm_token_type_ids"] = batch.mm_token_type_ids[index]
     sampling = (
         {"do_sample": False}
         if settings.greedy
@@ -115,11 +130,10 @@ def generate_kwargs(
     return {
         "input_ids": batch.input_ids[index],  # [N, Lp]
         "attention_mask": batch.attention_mask[index],
-        "mm_token_type_ids": batch.mm_token_type_ids[index],
         "max_new_tokens": settings.max_new_tokens,
         "eos_token_id": sorted(stop_token_ids(tokenizer)),
         "pad_token_id": tokenizer.pad_token_id,
-        "suppress_tokens": sorted(vision_token_ids(tokenizer)),
+        "suppress_tokens": [] if text_only else sorted(vision_token_ids(tokenizer)),
         "use_cache": True,
         **sampling,
         **extra,
@@ -136,7 +150,7 @@ def hf_generate(
     device: torch.device,
 ) -> list[list[int]]:
     """N = P * n completions (group-major) as token-id lists ending at the first stop token."""
-    tokenizer = processor.tokenizer
+    tokenizer = getattr(processor, "tokenizer", processor)
     kwargs = generate_kwargs(processor, prompts, n, settings, device)
     out = model.generate(**kwargs)  # [N, Lp + new]
     new_tokens = out[:, kwargs["input_ids"].shape[1] :].tolist()
@@ -185,7 +199,8 @@ class NaiveSampler:
 
     def generate(self, prompts: list[PromptInput], n: int, settings: SamplingSettings) -> Rollout:
         policy = self.policy
-        ids = hf_generate(policy.model, policy.processor, prompts, n, settings, policy.device)
+        processor = policy.processor or policy.tokenizer  # a text-only LM has no processor
+        ids = hf_generate(policy.model, processor, prompts, n, settings, policy.device)
         return Rollout(ids, [[float("nan")] * len(row) for row in ids])
 
     def sync_weights(self, policy: Policy) -> None:
@@ -193,6 +208,16 @@ class NaiveSampler:
 
     def close(self) -> None:
         return None
+
+
+class NaiveTextPolicy(NaivePolicy, TextPolicy):
+    """NaivePolicy for a text-only causal LM: TextPolicy's prompts, NaivePolicy's maths."""
+
+
+def load_naive_policy(settings: PolicySettings, device: torch.device) -> NaivePolicy:
+    """NaivePolicy for a Qwen2.5-VL checkpoint, NaiveTextPolicy for any other causal LM."""
+    vision = is_vision_language(resolve_model_path(settings.model))
+    return (NaivePolicy if vision else NaiveTextPolicy)(settings, device)
 
 
 def naive_view(policy: Policy) -> NaivePolicy:
@@ -208,7 +233,7 @@ def _naive_sampler(settings: SamplerSettings, policy: Policy) -> Sampler:
 
 
 NAIVE_BACKEND = ModelBackend(
-    load_policy=NaivePolicy,
+    load_policy=load_naive_policy,
     make_sampler=_naive_sampler,
     load_trained=BACKEND.load_trained,
     check_same_base=BACKEND.check_same_base,
