@@ -60,7 +60,7 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--sampler", choices=["hf", "vllm"], help="default: vllm on CUDA if installed")
     p.add_argument("--compare-base", action="store_true", help="also evaluate the base model")
-    p.add_argument("--out", help="output directory (default: <ckpt>/eval or ./eval-<model>)")
+    p.add_argument("--out", help="output dir (default: <run>/eval/checkpoint-N or ./eval-<model>)")
     p.add_argument("--train-prompt", action="store_true", help="use the training prompt")
     p.add_argument("--rewards", help="reward means to report, 'name:w,...' (default: task's)")
     p.add_argument("--reward-plugin", action="append", default=[], help="file registering rewards")

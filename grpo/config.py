@@ -325,6 +325,12 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return coerce_all(values, str(path))
 
 
+def task_preset(task: str) -> dict[str, Any]:
+    """configs/<task>.yaml's values, coerced through the field types ({} when there is none)."""
+    preset_file = PRESET_DIR / f"{task}.yaml"
+    return _read_yaml(preset_file) if preset_file.is_file() else {}
+
+
 def load_config(argv: list[str] | None = None) -> TrainConfig:
     """Defaults < configs/<task>.yaml < --config file < command-line flags."""
     args = vars(build_parser().parse_args(argv))
@@ -332,9 +338,7 @@ def load_config(argv: list[str] | None = None) -> TrainConfig:
     flags = {k: v for k, v in args.items() if v is not None}
     from_file = _read_yaml(Path(config_file)) if config_file else {}
     task = flags.get("task", from_file.get("task", TrainConfig.task))
-    preset_file = PRESET_DIR / f"{task}.yaml"
-    preset = _read_yaml(preset_file) if preset_file.is_file() else {}
-    config = TrainConfig(**{**preset, **from_file, **flags})
+    config = TrainConfig(**{**task_preset(task), **from_file, **flags})
     validate(config)
     return config
 

@@ -29,6 +29,7 @@ from data.sample import Sample
 from data.tasks import Task
 from grpo import distributed
 from grpo.checkpoint import CheckpointError, ModelSource, resolve_source
+from grpo.config import task_preset
 from grpo.rollout import task_prompts
 from grpo.types import (
     ModelBackend,
@@ -74,16 +75,23 @@ class EvalSettings:
 
 
 def default_output_dir(source: ModelSource) -> Path:
-    """<ckpt>/eval, or ./eval-<model name> for a plain model."""
+    """<run>/eval/checkpoint-N for a training checkpoint (beside it, not in it: checkpoint
+    rotation deletes whole checkpoint folders), <model>/eval for a merged model, and
+    ./eval-<model name> for a plain model."""
+    if source.kind == "checkpoint" and source.path is not None:
+        return source.path.parent / "eval" / source.path.name
     if source.path is not None:
         return source.path / "eval"
     return Path(f"eval-{Path(source.model).name or 'model'}")
 
 
-def policy_settings(settings: EvalSettings, source: ModelSource) -> PolicySettings:
+def policy_settings(
+    settings: EvalSettings, source: ModelSource, preset: dict[str, Any] | None = None
+) -> PolicySettings:
     """Images sized as in training (so the base model of --compare-base sees the same pixels)
-    unless overridden; the rest from the command line."""
-    recorded = {**source.run_config, **source.run}  # export_info.json records them on top
+    unless overridden: the bounds recorded with the checkpoint, else (a plain model) those of
+    the task's preset `preset`; the rest from the command line."""
+    recorded = {**(preset or {}), **source.run_config, **source.run}  # export_info.json on top
     return PolicySettings(
         model=source.model,
         lora_r=0,
@@ -272,8 +280,8 @@ def evaluate(settings: EvalSettings, backend: ModelBackend) -> EvalReport:
     settings = replace(settings, sampler=choose_sampler(settings.sampler))
     generator = Generator(backend, settings)
 
-    load = backend.load_trained
-    policy = load(source.model, source.adapter, policy_settings(settings, source), device)
+    load, preset = backend.load_trained, task_preset(task.name)
+    policy = load(source.model, source.adapter, policy_settings(settings, source, preset), device)
     fresh = source.adapter is None
     records, metrics = run_model(policy, generator, task, samples, settings, specs, fresh)
     base_records = base_metrics = None
@@ -285,7 +293,7 @@ def evaluate(settings: EvalSettings, backend: ModelBackend) -> EvalReport:
                 )
         else:  # a merged model: load its base in place of it
             del policy
-            base = load(source.base, None, policy_settings(settings, source), device)
+            base = load(source.base, None, policy_settings(settings, source, preset), device)
             base_records, base_metrics = run_model(base, generator, task, samples, settings, specs)
 
     summary: dict[str, Any] = {

@@ -267,7 +267,8 @@ def compared(checkpoint: Path, data_file: Path) -> dict:
     argv = ["--ckpt", str(checkpoint), "--data", str(data_file), "--limit", "4"]
     argv += ["--max-new-tokens", "8", "--batch-size", "3", "--sampler", "hf", "--compare-base"]
     evaluate.main(argv)
-    out = checkpoint / "eval"
+    out = checkpoint.parent / "eval" / checkpoint.name  # outside the rotated checkpoint folder
+    assert not (checkpoint / "eval").exists()
     return {
         "summary": json.loads((out / "summary.json").read_text()),
         "predictions": _read_jsonl(out / "predictions.jsonl"),
@@ -402,3 +403,16 @@ def test_vllm_sampler_evaluates_like_transformers(
         assert [(r["prediction"], r["num_tokens"]) for r in ours] == [
             (r["prediction"], r["num_tokens"]) for r in theirs
         ]
+
+
+def test_plain_model_is_sized_by_the_task_preset_a_checkpoint_by_its_run(tmp_path: Path) -> None:
+    """The base model and the checkpoint must be scored on the same pixels: a plain model takes
+    the task preset's bounds (configs/ocr.yaml), a checkpoint the ones its run recorded."""
+    from grpo.config import task_preset
+
+    preset = task_preset("ocr")
+    plain = policy_settings(EvalSettings(), resolve_source(None, "tiny"), preset)
+    assert (plain.min_pixels, plain.max_pixels) == (200704, 1003520)
+    assert (preset["min_pixels"], preset["max_pixels"]) == (200704, 1003520)
+    given = policy_settings(EvalSettings(max_pixels=6272), resolve_source(None, "tiny"), preset)
+    assert given.max_pixels == 6272  # the command line still wins
