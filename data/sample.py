@@ -64,6 +64,14 @@ class ImageRef:
             return read_parquet_cell(self.cell)
         return self._data
 
+    def size(self) -> tuple[int, int]:
+        """(width, height) from the image's header, without decoding its pixels."""
+        import io
+
+        source = self.path if self.path is not None else io.BytesIO(self.data or b"")
+        with Image.open(source) as image:
+            return image.size
+
     def decode(self) -> tuple[Image.Image, list[str]]:
         """(RGB image, notes) via data.images.decode_image; DataError naming the line."""
         if self.path is not None:

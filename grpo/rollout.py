@@ -124,3 +124,13 @@ def completion_records(
             }
         )
     return records
+
+
+def visual_token_counts(policy: Policy, samples: list[Sample], most: int = 1000) -> list[int]:
+    """Visual prompt tokens per sample (all its images, sized as the model will see them), for
+    up to `most` samples spread evenly over the data; only image headers are read."""
+    step = max(1, len(samples) // most)
+    chosen = [s for s in samples[::step] if s.images][:most]
+    return [
+        sum(policy.visual_tokens(*image.size()) for image in sample.images) for sample in chosen
+    ]

@@ -57,6 +57,7 @@ from grpo.rollout import (
     rollout_metrics,
     rows_with_signal,
     task_prompts,
+    visual_token_counts,
 )
 from grpo.sampler_correction import CorrectionSettings, correction_weights, pad_sampler_logprobs
 from grpo.training_eval import (
@@ -577,6 +578,18 @@ def load_policy(backend: ModelBackend, config: TrainConfig, device: torch.device
     return policy
 
 
+def report_visual_tokens(policy: Policy, samples: list[Sample]) -> None:
+    """Print how many visual tokens the prompts carry at these pixel bounds: the number that
+    decides memory and speed, and that a wrong --min/--max-pixels silently changes."""
+    counts = sorted(visual_token_counts(policy, samples))
+    if counts and distributed.is_main_process():
+        median = counts[len(counts) // 2]
+        print(
+            f"visual tokens per prompt (over {len(counts)} samples): min {counts[0]}, "
+            f"median {median}, max {counts[-1]}"
+        )
+
+
 def build_trainer(
     config: TrainConfig, info: distributed.DistInfo, backend: ModelBackend
 ) -> Trainer:
@@ -590,6 +603,7 @@ def build_trainer(
     samples = load_samples(path, skip_bad=config.skip_bad_samples, **data_options(config))
     samples, eval_samples = split_samples(config, task, samples)  # never trained on
     policy = load_policy(backend, config, info.device)
+    report_visual_tokens(policy, samples)
     images = max(len(s.images) for s in samples)
     sampler = backend.make_sampler(config.sampler_settings(images), policy)
     optimizer = torch.optim.AdamW(

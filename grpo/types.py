@@ -127,6 +127,10 @@ class Policy(Protocol):
         """Render chat messages and size their images for the model."""
         ...
 
+    def visual_tokens(self, width: int, height: int) -> int:
+        """Prompt tokens an image of this size becomes once sized for the model (0: no vision)."""
+        ...
+
     def encode(self, prompts: list[PromptInput]) -> Any:
         """Tokenise (and preprocess images of) P prompts: an opaque prompt batch."""
         ...

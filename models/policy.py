@@ -38,7 +38,7 @@ from models.loading import (
 )
 from models.logprobs import completion_logprobs, encode_images, reference_logprobs, unwrap
 from models.packing import PackingError, packing_refusal
-from models.processor import fit_image, load_processor, pixel_bounds, render_prompt
+from models.processor import fit_image, fitted_size, load_processor, pixel_bounds, render_prompt
 
 
 def lora_settings(settings: PolicySettings) -> LoraSettings | None:
@@ -120,6 +120,11 @@ class Policy:
     @property
     def vision_trainable(self) -> bool:
         return any(p.requires_grad for n, p in self.model.named_parameters() if ".visual." in n)
+
+    def visual_tokens(self, width: int, height: int) -> int:
+        """One token per 28x28 patch of the fitted image (2x2 patches of 14 merged)."""
+        h, w = fitted_size(height, width, self.min_pixels, self.max_pixels)
+        return (h // 28) * (w // 28)
 
     def image_features(self, prompts: PromptBatch) -> list[torch.Tensor] | None:
         """Per-image features computed once, or None when there are no images or the vision
@@ -224,6 +229,9 @@ class TextPolicy(Policy):
 
     def encode(self, prompts: list[PromptInput]) -> PromptBatch:
         return encode_text_prompts(self.tokenizer, prompts, self.device)
+
+    def visual_tokens(self, width: int, height: int) -> int:
+        return 0
 
     def image_features(self, prompts: PromptBatch) -> None:
         return None

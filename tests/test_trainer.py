@@ -233,3 +233,26 @@ def test_resume_from_another_models_checkpoint_names_it(data_file: Path, tmp_pat
     resumed = replace(config, model=str(tiny_model_path(spec=other)), max_steps=2, resume=True)
     with pytest.raises(RuntimeError, match=r"checkpoint-1: the adapter does not fit this model"):
         train(resumed, BACKEND)
+
+
+def test_visual_token_counts_are_printed_at_start_up(
+    data_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The counts printed are those of the images as fitted to 28*28..56*56 pixels, computed
+    here from the image files themselves."""
+    from PIL import Image
+
+    from grpo.rollout import visual_token_counts
+    from models.processor import fitted_size
+
+    config = small_config(data_file, tmp_path / "run")
+    trainer = build_trainer(config, distributed.init_distributed(), BACKEND)
+    printed = capsys.readouterr().out
+    expected = []
+    for line in data_file.read_text().splitlines():
+        with Image.open(data_file.parent / json.loads(line)["image_path"]) as image:
+            h, w = fitted_size(image.height, image.width, 28 * 28, 56 * 56)
+        expected.append((h // 28) * (w // 28))
+    counts = sorted(visual_token_counts(trainer.policy, trainer.stream.items))
+    assert counts == sorted(expected)  # every sample counted (fewer than 1,000)
+    assert f"min {min(expected)}, " in printed and f"max {max(expected)}" in printed
