@@ -280,7 +280,9 @@ def evaluate(settings: EvalSettings, backend: ModelBackend) -> EvalReport:
     settings = replace(settings, sampler=choose_sampler(settings.sampler))
     generator = Generator(backend, settings)
 
-    load, preset = backend.load_trained, task_preset(task.name)
+    load = backend.load_trained
+    # a plain model takes the task preset's pixel bounds; a checkpoint those it trained with
+    preset = task_preset(task.name) if source.kind == "model" else None
     policy = load(source.model, source.adapter, policy_settings(settings, source, preset), device)
     fresh = source.adapter is None
     records, metrics = run_model(policy, generator, task, samples, settings, specs, fresh)
