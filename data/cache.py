@@ -1,7 +1,9 @@
-"""Where built artefacts (tokenizer, tiny model, built-in data) are cached between runs."""
+"""Where built artefacts (tokenizer, tiny model, built-in data) are cached between runs, and
+the file fingerprint the caches, checkpoint manifests and downloads are checked with."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -40,3 +42,12 @@ def build_once(target: Path, build: Callable[[Path], object]) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read 1 MiB at a time."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()

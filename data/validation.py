@@ -28,7 +28,7 @@ from itertools import groupby
 from pathlib import Path
 from typing import Any
 
-from data.cache import cache_root
+from data.cache import cache_root, file_sha256
 from data.sample import DataError, ImageRef
 
 logger = logging.getLogger(__name__)
@@ -172,14 +172,6 @@ def cached_check_images(
     except OSError as e:
         logger.warning("image-check cache %s unusable (%s); checking without it", cache.file, e)
         return check_images(refs, workers), False
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _image_stats_hash(refs: list[ImageRef]) -> str:

@@ -28,7 +28,6 @@ The manifest catches what rename cannot: a file damaged afterwards (a full disk,
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 import random
@@ -42,6 +41,7 @@ from typing import Any
 
 import torch
 
+from data.cache import file_sha256
 from grpo import distributed
 from grpo.types import ADAPTER_CONFIG, EXPORT_INFO, Policy
 
@@ -93,19 +93,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def write_manifest(directory: Path) -> None:
     """manifest.json: {relative path: {size, sha256}} of every file below `directory`."""
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
     entries = {
-        str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": file_sha256(p)}
         for p in files
     }
     (directory / MANIFEST).write_text(json.dumps(entries, indent=1))
@@ -123,7 +115,7 @@ def manifest_problem(directory: Path) -> str | None:
             return f"{name} is missing"
         if path.stat().st_size != entry["size"]:
             return f"{name} has {path.stat().st_size} bytes, the manifest says {entry['size']}"
-        if _sha256(path) != entry["sha256"]:
+        if file_sha256(path) != entry["sha256"]:
             return f"{name} does not match its sha256 in the manifest"
     return None
 

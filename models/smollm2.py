@@ -33,7 +33,6 @@ release, but the same model as far as GRPO on CPU is concerned.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -46,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import models.cpu_compat  # noqa: F401  (transformers' GGUF path imports its image code)
-from data.cache import build_once, cache_root
+from data.cache import build_once, cache_root, file_sha256
 
 SMOLLM2_VERSION = 1  # bump when the conversion changes, so stale caches are not reused
 
@@ -136,16 +135,8 @@ def _model_load_error(message: str) -> Exception:
     return ModelLoadError(message)
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _check_sha256(path: Path, expected: str, what: str) -> None:
-    actual = sha256_of(path)
+    actual = file_sha256(path)
     if actual != expected:
         raise _model_load_error(
             f"SmolLM2: {what} {path} has sha256 {actual}, expected {expected} "
