@@ -136,6 +136,7 @@ class Groups:
     per_function: torch.Tensor  # [N, K] each reward function's score (NaN = not applicable)
     weights: torch.Tensor  # [K] the reward weights
     draws: int = 1  # generation rounds it took (dynamic sampling)
+    encoded: Any = None  # Policy.encode(prompts), kept while the groups are those of one draw
 
     def select(self, prompts: list[int]) -> Groups:
         """The groups of the prompts `prompts`, in that order."""
@@ -186,13 +187,13 @@ def sample_groups(
 ) -> Groups:
     """G completions for each of the samples' prompts, and every reward function's score."""
     prompts = task_prompts(policy, task, samples)
-    lengths = policy.prompt_lengths(policy.encode(prompts))
-    check_prompt_lengths(samples, lengths, config.max_prompt_length)
+    encoded = policy.encode(prompts)
+    check_prompt_lengths(samples, policy.prompt_lengths(encoded), config.max_prompt_length)
     rollout = sampler.generate(prompts, config.num_generations, config.sampling_settings())
     texts = policy.decode(rollout.completion_ids)
     columns, where = reward_inputs(samples, rollout, config)
     per_function, weights = score_completions(specs, texts, columns, where)  # [N, K], [K]
-    return Groups(samples, prompts, rollout, texts, per_function, weights)
+    return Groups(samples, prompts, rollout, texts, per_function, weights, encoded=encoded)
 
 
 def combined_rewards(groups: Groups, config: TrainConfig) -> torch.Tensor:
@@ -258,7 +259,9 @@ def collect(
     g = config.num_generations
     with timer("sample"):
         groups = draw_groups(policy, sampler, task, stream, specs, config)
-    prompt_batch = policy.encode(groups.prompts)
+    # a single draw's prompts were encoded for the length check; merged draws are encoded anew
+    encoded = groups.encoded
+    prompt_batch = encoded if encoded is not None else policy.encode(groups.prompts)
     batch = policy.rollout_batch(prompt_batch, groups.rollout.completion_ids, g)
     features = policy.image_features(prompt_batch)
     sampler_logp = pad_sampler_logprobs(groups.rollout.logprobs, batch.completion_mask.shape[1])
