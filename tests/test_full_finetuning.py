@@ -22,6 +22,7 @@ from models import BACKEND
 from models.full import is_vision_parameter
 from models.policy import Policy
 from models.tiny import tiny_model_path
+from tests.launch import torchrun
 from tests.training_helpers import small_config, write_ocr_jsonl
 from tests.vllm_helpers import image_prompts
 
@@ -274,3 +275,28 @@ def test_full_and_an_explicit_lora_rank_contradict() -> None:
     assert not load_config([]).policy_settings().full
     with pytest.raises(ConfigError, match="vllm_sync='adapter' needs a LoRA adapter"):
         load_config(["--full", "--vllm-sync", "adapter"])
+
+
+# --- two ranks ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_equal_one_process_on_the_same_global_batch(
+    data_file: Path, tmp_path: Path
+) -> None:
+    """Each rank computes the gradient of its half of the groups; the explicit all-reduce
+    averages them, so after the updates both ranks hold the single-process weights (in float64,
+    see dist_full_worker.DTYPE; far inside float32's tolerance)."""
+    from tests.dist_full_worker import __file__ as worker
+
+    for world in (1, 2):
+        torchrun(Path(worker), str(data_file), str(tmp_path), nproc=world, timeout=600)
+    single = torch.load(tmp_path / "weights-world1-rank0.pt")
+    ranks = [torch.load(tmp_path / f"weights-world2-rank{r}.pt") for r in range(2)]
+    base = snapshot(Policy(PolicySettings(model="tiny", lora_r=0, dtype="float64"), CPU).model)
+    assert single.keys() == ranks[0].keys() == ranks[1].keys()
+    for name, weight in single.items():
+        assert torch.equal(ranks[0][name], ranks[1][name]), name  # the ranks agree exactly
+        assert_close(ranks[0][name], weight, rtol=1e-9, atol=1e-12, msg=name)
+    moved = [n for n in single if not torch.equal(single[n], base[n])]
+    assert len(moved) == sum(not is_vision_parameter(n) for n in single)  # guard: all LM moved
