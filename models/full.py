@@ -57,11 +57,14 @@ def changed_weights(model: nn.Module, names: set[str]) -> Iterator[tuple[str, to
     """(in-memory name, tensor) of the parameters called `names` (the trained ones): what a
     full-weight sync pushes, whether `model` is the trained model or its frozen reference.
 
-    A tied LM head is the embedding Parameter and appears once, under the embedding's name;
-    the engine ties its own head to it. Lazy: nothing is copied."""
-    for name, parameter in model.named_parameters():
-        if name in names:
-            yield name, parameter.detach()
+    A tied LM head is the embedding Parameter under a second name, and it is sent under both:
+    the engine re-runs its post-load processing (on CPU a repacked copy of the matrix) only for
+    the layers a reload names, so a head left out keeps computing with the old weights. Lazy:
+    nothing is copied."""
+    trained = {id(p) for name, p in model.named_parameters() if name in names}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in trained:
+            yield name, tensor.detach()
 
 
 @contextmanager

@@ -19,7 +19,7 @@ from grpo.config import ConfigError, load_config
 from grpo.trainer import build_trainer, save, train, train_step
 from grpo.types import MODEL_DIR, PolicySettings
 from models import BACKEND
-from models.full import is_vision_parameter
+from models.full import changed_weights, is_vision_parameter
 from models.policy import Policy
 from models.tiny import tiny_model_path
 from tests.launch import torchrun
@@ -67,6 +67,8 @@ def test_every_language_model_weight_trains_and_the_reference_is_a_copy() -> Non
     assert len(policy.trainable_parameters()) == len(trained)
     inner = policy.model
     assert inner.lm_head.weight is inner.get_input_embeddings().weight  # still tied
+    pushed = dict(changed_weights(policy.model, policy.trained_names))
+    assert pushed.keys() == trained | {"lm_head.weight"}  # the engine's tied head reloads too
     assert not any(p.requires_grad for p in policy.reference.parameters())
     for (name, p), (_, q) in zip(named.items(), policy.reference.named_parameters(), strict=True):
         assert torch.equal(p, q) and p.data_ptr() != q.data_ptr(), name  # a copy, not a view
@@ -300,3 +302,45 @@ def test_two_gloo_ranks_equal_one_process_on_the_same_global_batch(
         assert_close(ranks[0][name], weight, rtol=1e-9, atol=1e-12, msg=name)
     moved = [n for n in single if not torch.equal(single[n], base[n])]
     assert len(moved) == sum(not is_vision_parameter(n) for n in single)  # guard: all LM moved
+
+
+# --- vLLM ------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_vllm_training_syncs_the_full_weights_and_evaluates_the_checkpoint(
+    data_file: Path, tmp_path: Path
+) -> None:
+    """Full fine-tuning with the vLLM sampler: after the steps' syncs the engine greedily
+    samples what the trainer's model greedily samples, with the trainer's log-probs; the saved
+    checkpoint evaluates under vLLM as under transformers."""
+    pytest.importorskip("vllm")
+    from grpo.types import SamplingSettings
+    from models.samplers import TransformersSampler
+    from tests.vllm_helpers import LOGP_TOLERANCE, trainer_logprobs
+
+    config = full_config(data_file, tmp_path / "run", sampler="vllm", learning_rate=1e-2)
+    trainer = build_trainer(config, distributed.init_distributed(), BACKEND)
+    policy, engine = trainer.policy, trainer.sampler
+    try:
+        for _ in range(2):
+            train_step(trainer)
+            trainer.step += 1
+        greedy = SamplingSettings(max_new_tokens=8, greedy=True)
+        prompts = image_prompts(policy)
+        rollout = engine.generate(prompts, 1, greedy)
+        ours = TransformersSampler(policy).generate(prompts, 1, greedy)
+        assert rollout.completion_ids == ours.completion_ids
+        logp, mask = trainer_logprobs(policy, prompts, rollout.completion_ids, 1, 1.0)
+        sampled = torch.tensor([lp + [0.0] * (logp.shape[1] - len(lp)) for lp in rollout.logprobs])
+        assert ((logp - sampled).abs() * mask).max() < LOGP_TOLERANCE
+        batch = policy.rollout_batch(policy.encode(prompts), rollout.completion_ids, 1)
+        reference = policy.reference_logprobs(batch, 1.0)
+        assert ((logp - reference).abs() * mask).max() > 100 * LOGP_TOLERANCE  # guard: trained
+        checkpoint = save(trainer)
+    finally:
+        engine.close()
+    for sampler in ("hf", "vllm"):
+        evaluate_cli(checkpoint, data_file, tmp_path / f"eval-{sampler}", "--sampler", sampler)
+    assert read_predictions(tmp_path / "eval-vllm") == read_predictions(tmp_path / "eval-hf")
