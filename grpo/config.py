@@ -140,7 +140,8 @@ class TrainConfig:
 
     def policy_settings(self) -> PolicySettings:
         """In training lora_r 0 means full fine-tuning, never a frozen model; the frozen copy of
-        the base that serves as reference is built only when the loss has a KL term."""
+        the base that serves as reference is built only when the loss has a KL term. Full
+        fine-tuning keeps its weights (and so AdamW's moments) in float32 on every device."""
         return PolicySettings(
             model=self.model,
             lora_r=0 if self.full_finetuning else self.lora_r,
@@ -148,7 +149,7 @@ class TrainConfig:
             reference=self.beta > 0,
             lora_alpha=self.lora_alpha,
             lora_vision=self.lora_vision,
-            dtype=self.dtype,
+            dtype=self.dtype or ("float32" if self.full_finetuning else None),
             attn_implementation=self.attn_implementation,
             gradient_checkpointing=self.gradient_checkpointing,
             min_pixels=self.min_pixels,
@@ -456,8 +457,15 @@ def _validate_evaluation(config: TrainConfig) -> None:
 
 
 def _validate_full(config: TrainConfig) -> None:
-    """Full fine-tuning has no adapter: no rank beside --full, nothing for vLLM's LoRA."""
+    """Full fine-tuning has no adapter (no rank beside --full, nothing for vLLM's LoRA) and
+    needs weights that can hold small updates (float32)."""
     check_full_and_lora({"full": config.full, "lora_r": config.lora_r})
+    if config.full_finetuning and config.dtype in ("bfloat16", "float16"):
+        raise ConfigError(
+            f"dtype={config.dtype!r} with full fine-tuning (--full or --lora-r 0): the update "
+            "is applied to the weights themselves, and an update below 1/256 of a weight "
+            "vanishes in 16-bit; leave --dtype out (float32) or train LoRA"
+        )
     if config.full_finetuning and config.vllm_sync == "adapter":
         raise ConfigError(
             "vllm_sync='adapter' needs a LoRA adapter; full fine-tuning (--full or --lora-r 0) "

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+import grpo.trainer as trainer_module
 import models  # noqa: F401
 from grpo import distributed
 from grpo.trainer import Trajectory, add_fixed_logprobs, build_trainer, update
@@ -25,6 +26,7 @@ GROUP, STEPS = 2, 2
 # up to lr in float32 (noise ~1e-9 against eps 1e-8) but not in float64 (noise ~1e-17), so in
 # float64 the two summation orders agree to rounding.
 DTYPE = "float64"
+BUCKET = 1 << 14  # elements per all-reduce: the tiny model's gradients in 7 buckets
 # the global batch: 2 prompts x 2 completions, group-major, and their advantages
 COMPLETIONS = [[11, 12, 13, 14], [15, 16], [17, 18, 19], [20, 21, 22, 23]]
 ADVANTAGES = [1.0, -1.0, 0.5, -0.5]
@@ -44,6 +46,7 @@ def trajectory(policy, prompts, completions, advantages, config) -> Trajectory:
 
 def main(data: str, out: str) -> None:
     info = distributed.init_distributed()
+    trainer_module.GRADIENT_BUCKET = BUCKET  # many all-reduces, not one
     world, rank = info.world_size, info.rank
     run = Path(out) / f"run-{world}"
     config = small_config(Path(data), run, lora_r=0, full=True, dtype=DTYPE)

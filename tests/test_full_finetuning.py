@@ -275,8 +275,21 @@ def test_full_and_an_explicit_lora_rank_contradict() -> None:
     assert zero.full_finetuning and not zero.full
     assert zero.policy_settings().full and not zero.policy_settings().reference
     assert not load_config([]).policy_settings().full
+    assert settings.dtype == "float32" and load_config([]).policy_settings().dtype is None
+    with pytest.raises(ConfigError, match=r"dtype='bfloat16' with full fine-tuning"):
+        load_config(["--lora-r", "0", "--dtype", "bfloat16"])
     with pytest.raises(ConfigError, match="vllm_sync='adapter' needs a LoRA adapter"):
         load_config(["--full", "--vllm-sync", "adapter"])
+
+
+def test_gradient_buckets_cover_every_parameter_in_order() -> None:
+    from grpo.trainer import gradient_buckets
+
+    sizes = [3, 4, 10, 1, 1, 2]
+    params = [torch.nn.Parameter(torch.zeros(n)) for n in sizes]
+    buckets = gradient_buckets(params, limit=5)
+    assert [[p.numel() for p in b] for b in buckets] == [[3], [4], [10], [1, 1, 2]]
+    assert [p for b in buckets for p in b] == params
 
 
 # --- two ranks ---------------------------------------------------------------------------------
