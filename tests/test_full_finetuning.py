@@ -20,9 +20,10 @@ from grpo.trainer import build_trainer, save, train, train_step
 from grpo.types import MODEL_DIR, PolicySettings
 from models import BACKEND
 from models.full import changed_weights, is_vision_parameter
-from models.policy import Policy
+from models.policy import Policy, make_policy
 from models.tiny import tiny_model_path
 from tests.launch import torchrun
+from tests.text_helpers import TEXT_FAMILIES, tiny_text_model_path
 from tests.training_helpers import small_config, write_ocr_jsonl
 from tests.vllm_helpers import image_prompts
 
@@ -75,6 +76,19 @@ def test_every_language_model_weight_trains_and_the_reference_is_a_copy() -> Non
     with_vision = Policy(PolicySettings(model="tiny", full=True, lora_vision=True), CPU)
     assert all(p.requires_grad for p in with_vision.model.parameters())
     assert with_vision.image_features(with_vision.encode(image_prompts(with_vision))) is None
+
+
+@pytest.mark.parametrize("family", TEXT_FAMILIES)
+def test_a_text_model_trains_whole_and_syncs_its_head(family: str) -> None:
+    """Tied (llama) or untied (qwen2) output projection: every weight trains, and the head
+    is among the tensors a sync sends."""
+    settings = PolicySettings(model=str(tiny_text_model_path(family)), full=True)
+    policy = make_policy(settings, CPU)
+    assert all(p.requires_grad for p in policy.model.parameters())
+    pushed = dict(changed_weights(policy.model, policy.trained_names))
+    assert "lm_head.weight" in pushed and "model.embed_tokens.weight" in pushed
+    tied = policy.model.lm_head.weight is policy.model.get_input_embeddings().weight
+    assert tied == (family == "llama")
 
 
 def test_a_full_step_moves_the_weights_and_not_the_reference(
