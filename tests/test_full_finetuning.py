@@ -233,8 +233,12 @@ def test_checkpoint_of_another_model_is_refused(trained, tmp_path: Path) -> None
 
     _, checkpoint = trained
     other = TinySpec(hidden_size=32, num_heads=1, num_kv_heads=1, intermediate_size=64)
+    other_dir = str(tiny_model_path(spec=other))
     with pytest.raises(SystemExit, match="different model"):
-        evaluate.main(["--ckpt", str(checkpoint), "--model", str(tiny_model_path(spec=other))])
+        evaluate.main(["--ckpt", str(checkpoint), "--model", other_dir])
+    policy = Policy(PolicySettings(model=other_dir, full=True, reference=False), CPU)
+    with pytest.raises(RuntimeError, match=r"checkpoint-2: the model weights do not fit"):
+        policy.load_trainable(checkpoint / MODEL_DIR)  # what --resume does
 
 
 def test_resume_equals_uninterrupted(
