@@ -53,20 +53,29 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def choose_attention(device: torch.device, requested: str | None) -> str:
-    """flash_attention_2 when CUDA and flash_attn are present, sdpa otherwise.
+def choose_attention(
+    device: torch.device, requested: str | None, dtype: torch.dtype | None = None
+) -> str:
+    """flash_attention_2 when CUDA and flash_attn are present and the weights are 16-bit (its
+    kernels take only fp16/bf16; full fine-tuning keeps float32 weights), sdpa otherwise.
 
     An explicit request that cannot be met is an error rather than a silent fallback: the
     user asked for a kernel and would otherwise benchmark or train with another one.
     """
     has_flash = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+    sixteen_bit = dtype is None or dtype in (torch.bfloat16, torch.float16)
     if requested in (None, "auto"):
-        return "flash_attention_2" if has_flash else "sdpa"
+        return "flash_attention_2" if has_flash and sixteen_bit else "sdpa"
     if requested == "flash_attention_2" and not has_flash:
         why = "CUDA is not available" if device.type != "cuda" else "flash_attn is not installed"
         raise ModelLoadError(
             f"attn_implementation='flash_attention_2' was requested but {why}; "
             "install flash-attn on a CUDA machine (pip install '.[gpu]') or use 'sdpa'"
+        )
+    if requested == "flash_attention_2" and not sixteen_bit:
+        raise ModelLoadError(
+            f"attn_implementation='flash_attention_2' needs bfloat16/float16 weights, these are "
+            f"{dtype}; use 'sdpa'"
         )
     return requested
 
@@ -93,11 +102,10 @@ def load_base_model(
     from transformers import AutoModelForCausalLM, Qwen2_5_VLForConditionalGeneration
 
     path = resolve_model_path(name)
-    attention = choose_attention(device, attn_implementation)
+    dtype = dtype or default_dtype(device)
+    attention = choose_attention(device, attn_implementation, dtype)
     kind = Qwen2_5_VLForConditionalGeneration if is_vision_language(path) else AutoModelForCausalLM
-    model = kind.from_pretrained(
-        path, dtype=dtype or default_dtype(device), attn_implementation=attention
-    )
+    model = kind.from_pretrained(path, dtype=dtype, attn_implementation=attention)
     return model.to(device)
 
 

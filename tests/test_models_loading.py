@@ -68,6 +68,11 @@ def test_attention_choice(flash_attn_installed: None) -> None:
     assert choose_attention(CPU, None) == "sdpa"  # flash_attn alone is not enough
     assert choose_attention(CPU, "eager") == "eager"
     assert choose_attention(CUDA, "sdpa") == "sdpa"
+    # float32 weights (full fine-tuning): flash-attn's kernels take 16-bit inputs only
+    assert choose_attention(CUDA, None, torch.float32) == "sdpa"
+    assert choose_attention(CUDA, None, torch.bfloat16) == "flash_attention_2"
+    with pytest.raises(ModelLoadError, match="needs bfloat16/float16 weights"):
+        choose_attention(CUDA, "flash_attention_2", torch.float32)
 
 
 def test_attention_choice_without_flash_attn(flash_attn_missing: None) -> None:
