@@ -13,14 +13,14 @@ from: the vision special tokens suppressed.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from grpo.types import PolicySettings, PromptInput, SamplingSettings, TokenLogProbs
+from grpo.types import PolicySettings, PromptInput, SamplingSettings, ShardSettings, TokenLogProbs
 from models.batch import (
     PromptBatch,
     RolloutBatch,
@@ -74,6 +74,14 @@ class Policy:
         self.vision_ids = vision_token_ids(self.tokenizer) if self.has_vision else set()
         # never sampled, so never scored: their logits are -inf in every log-prob pass
         self.suppressed = torch.tensor(sorted(self.vision_ids), dtype=torch.long, device=device)
+        self.root: torch.nn.Module | None = None  # the FSDP2 root unit once sharded
+
+    def run(self, step: Callable[..., Any], *args: Any) -> Any:
+        """step(model, *args): through the root FSDP unit when sharded (models/sharding.py),
+        so the parameters outside the blocks are gathered for it."""
+        if self.root is None:
+            return step(self.model, *args)
+        return self.root(step, *args)
 
     def load_inputs(self, settings: PolicySettings) -> Any:
         """Load what turns prompts into tensors (the processor); return its tokenizer."""
@@ -105,8 +113,15 @@ class Policy:
         image_features: list[torch.Tensor] | None = None,
     ) -> Completions:
         """n completions per encoded prompt with their log-probs, from the policy's weights."""
-        return sample_completions(
-            self.model, prompts, n, settings, self.stop_ids, self.suppressed, image_features
+        return self.run(
+            sample_completions,
+            prompts,
+            n,
+            settings,
+            self.stop_ids,
+            self.suppressed,
+            image_features,
+            self.sharded,  # every rank decodes until all are done: the blocks' collectives
         )
 
     def rollout_batch(
@@ -132,7 +147,7 @@ class Policy:
         if self.vision_trainable or prompts.pixel_values is None:
             return None
         with torch.no_grad():
-            return encode_images(self.model, prompts)
+            return self.run(encode_images, prompts)
 
     def logprobs(
         self,
@@ -142,8 +157,8 @@ class Policy:
         image_features: list[torch.Tensor] | None = None,
     ) -> TokenLogProbs:
         """Log-probs [N, T] (and entropy) of the completions under the policy, with grad."""
-        return completion_logprobs(
-            self.model,
+        logp, entropy = self.run(
+            logprob_tensors,
             batch,
             temperature,
             with_entropy,
@@ -152,6 +167,7 @@ class Policy:
             self.suppressed,
             self.settings.packing,
         )
+        return TokenLogProbs(logp, entropy)
 
     def reference_logprobs(
         self,
@@ -160,8 +176,8 @@ class Policy:
         image_features: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Log-probs [N, T] under the frozen reference (adapter disabled), no grad."""
-        return reference_logprobs(
-            self.model,
+        return self.run(
+            reference_logprobs,
             batch,
             temperature,
             image_features,
@@ -181,15 +197,51 @@ class Policy:
             yield
 
     def save_trainable(self, directory: Path) -> None:
-        self.model.save_pretrained(directory)
+        """The adapter in peft's format. Sharded: a collective (the adapter is gathered to
+        rank 0, which writes it); unsharded: call it on the writing rank only."""
+        if self.root is None:
+            self.model.save_pretrained(directory)
+            return
+        from models.sharding import gathered_trainable
+
+        state = gathered_trainable(self.root)  # {} except on rank 0
+        if state:
+            self.model.save_pretrained(directory, state_dict=state)
 
     def load_trainable(self, directory: Path) -> None:
         from models.export import load_adapter_weights
 
+        if self.root is not None:
+            raise NotImplementedError(
+                "a sharded policy resumes from its torch.distributed.checkpoint state "
+                "(grpo/checkpoint.py), not from the adapter directory"
+            )
         load_adapter_weights(self.model, directory)
+
+    # --- sharding (models/sharding.py) ----------------------------------------------------
+    def shard(self, mesh: Any, settings: ShardSettings) -> None:
+        from models.sharding import shard_model
+
+        self.root = shard_model(self.model, mesh, settings)
+
+    @property
+    def sharded(self) -> bool:
+        return self.root is not None
+
+    def module(self) -> torch.nn.Module:
+        return self.root if self.root is not None else self.model
 
     def describe(self) -> dict[str, Any]:
         return {"base_model": self.settings.model, "base_model_path": self.path}
+
+
+def logprob_tensors(model: Any, *args: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """completion_logprobs as a tuple of tensors: the root FSDP unit hooks the backward onto
+    the tensors a forward returns, and it does not look inside a dataclass. Copies, not
+    views: an in-place op on a returned view would bypass that hook ([N, T]: cheap)."""
+    out = completion_logprobs(model, *args)
+    entropy = out.entropy.clone() if out.entropy is not None else None
+    return out.logp.clone(), entropy
 
 
 def plain_message(message: dict) -> dict:

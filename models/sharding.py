@@ -1,0 +1,142 @@
+"""FSDP2 for our policies: which modules become sharding units, and the root unit whose hooks
+our lean forwards go through.
+
+`shard_model(model, mesh, settings)` calls `torch.distributed.fsdp.fully_shard` bottom-up:
+
+- every decoder layer of the language model, and every block of the vision tower, is one unit
+  (its parameters all-gathered in one collective before its forward, freed after it, and its
+  gradients reduce-scattered in one collective after its backward);
+- everything else (token embeddings, final norm, LM head, the vision patch embedding and
+  merger, and the LoRA-free rest) belongs to one root unit, `RootUnit`. Tied embeddings
+  (embed_tokens.weight is lm_head.weight, as in SmolLM2 and Qwen2.5-VL-3B) thereby stay in one
+  unit: a parameter can be sharded only once.
+
+Why a root module of our own: the log-prob pass (models/logprobs.py) calls the backbone and reads
+`lm_head.weight` for chunked projections; it never calls the HF model's `forward`, so hooks on
+the HF model would not fire and the root parameters would stay sharded. `RootUnit.forward(step,
+*args)` runs `step(model, *args)` inside the root unit's pre/post-forward hooks instead: the root
+parameters are gathered for the whole step (embeddings, every chunk of the LM head) and its
+outputs, plain tensors, carry the pre-backward hook that gathers them again for the backward.
+Every forward through the policy (log-probs, reference log-probs, image features, sampling)
+goes through it.
+
+Gradients: FSDP2 reduce-scatters each unit's gradient as a mean over the ranks (it divides by
+the world size), which is what grpo.trainer.average_gradients does for unsharded runs; the
+trainer skips its own all-reduce when the policy is sharded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from grpo.types import ShardSettings
+from models.logprobs import unwrap
+
+
+class RootUnit(nn.Module):
+    """The root FSDP unit: owns every parameter outside the blocks; `forward(step, ...)` runs
+    `step(model, ...)` with them gathered."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, step: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return step(self.model, *args, **kwargs)
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of the model: the vision tower's, then the language model's layers.
+
+    Qwen2.5-VL: model.visual.blocks and model.language_model.layers; a text-only causal LM
+    (Llama, Qwen2): model.layers."""
+    inner = unwrap(model).model
+    blocks: list[nn.Module] = []
+    if hasattr(inner, "visual"):
+        blocks.extend(inner.visual.blocks)
+    decoder = inner.language_model if hasattr(inner, "language_model") else inner
+    if not hasattr(decoder, "layers"):
+        raise NotImplementedError(f"--fsdp: no decoder layers found in {type(inner).__name__}")
+    blocks.extend(decoder.layers)
+    return blocks
+
+
+def fsdp_policies(settings: ShardSettings) -> dict[str, Any]:
+    """fully_shard's mixed-precision and offload arguments for `settings`."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy
+
+    precision = MixedPrecisionPolicy(
+        param_dtype=settings.param_dtype, reduce_dtype=settings.reduce_dtype
+    )
+    offload = CPUOffloadPolicy(pin_memory=True) if settings.cpu_offload else OffloadPolicy()
+    return {"mp_policy": precision, "offload_policy": offload}
+
+
+def shard_model(model: nn.Module, mesh: Any, settings: ShardSettings) -> RootUnit:
+    """Shard `model` (a peft model or a plain HF one) in place: one unit per block, the rest
+    in the returned root unit. The model's parameters are DTensors (Shard(0)) afterwards."""
+    from torch.distributed.fsdp import fully_shard
+
+    policies = fsdp_policies(settings)
+    for block in transformer_blocks(model):
+        fully_shard(block, mesh=mesh, **policies)
+    root = RootUnit(model)
+    # the root's parameters are freed after forward too: the reference pass has no backward
+    # to free them, and the LM head + embeddings are the largest matrices of a small model
+    fully_shard(root, mesh=mesh, reshard_after_forward=True, **policies)
+    return root
+
+
+def sharding_units(root: RootUnit) -> list[nn.Module]:
+    """The FSDP units of a sharded model in module order, the root last."""
+    from torch.distributed.fsdp import FSDPModule
+
+    blocks = [m for m in root.model.modules() if isinstance(m, FSDPModule)]
+    return [*blocks, root]
+
+
+def unit_prefixes(root: RootUnit) -> dict[nn.Module, str]:
+    """Each block unit's module name inside the (peft) model."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return {m: name for name, m in root.model.named_modules() if isinstance(m, FSDPModule)}
+
+
+def gathered_units(root: RootUnit) -> Iterator[tuple[str | None, nn.Module]]:
+    """(block name inside the model, block), each block unsharded while the caller holds it
+    and resharded before the next one is gathered; then (None, root) with the root's own
+    parameters gathered. At most one unit's full parameters exist at a time."""
+    for unit, name in unit_prefixes(root).items():
+        unit.unshard()
+        try:
+            yield name, unit
+        finally:
+            unit.reshard()
+    root.unshard()
+    try:
+        yield None, root
+    finally:
+        root.reshard()
+
+
+def is_dtensor(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def gathered_trainable(root: RootUnit) -> dict[str, torch.Tensor]:
+    """The trainable parameters as full CPU tensors on rank 0 ({} on the others), named as in
+    the (peft) model: a collective. For the adapter, which is small; a 72B model's full state
+    is never gathered this way (torch.distributed.checkpoint saves it sharded)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    state = get_model_state_dict(root, options=options)  # names start with "model."
+    # a tied frozen weight (lm_head = embed_tokens) can slip through ignore_frozen_params
+    trained = {name for name, p in root.named_parameters() if p.requires_grad}
+    return {n.removeprefix("model."): t for n, t in state.items() if n in trained}
