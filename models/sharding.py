@@ -139,4 +139,5 @@ def gathered_trainable(root: RootUnit) -> dict[str, torch.Tensor]:
     state = get_model_state_dict(root, options=options)  # names start with "model."
     # a tied frozen weight (lm_head = embed_tokens) can slip through ignore_frozen_params
     trained = {name for name, p in root.named_parameters() if p.requires_grad}
-    return {n.removeprefix("model."): t for n, t in state.items() if n in trained}
+    # clone: on one rank the "gathered" tensors can be the parameters themselves
+    return {n.removeprefix("model."): t.clone() for n, t in state.items() if n in trained}

@@ -87,8 +87,9 @@ def my_trajectories(trainer: Trainer) -> list[Trajectory]:
 
 def one_update(trainer: Trainer) -> float:
     """One optimizer step on this rank's part of the global batch; the global grad norm."""
+    policy, config = trainer.policy, trainer.config
     stats = update_step(
-        trainer.policy, trainer.optimizer, trainer.scheduler, my_trajectories(trainer), trainer.config
+        policy, trainer.optimizer, trainer.scheduler, my_trajectories(trainer), config
     )
     trainer.step += 1
     return stats.grad_norm
@@ -104,10 +105,11 @@ def trained_weights(trainer: Trainer) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in policy.model.named_parameters() if p.requires_grad}
 
 
-def dump(trainer: Trainer, out: Path, norms: list[float], name: str) -> None:
-    weights = trained_weights(trainer)
+def dump(trainer: Trainer, out: Path, record: dict[str, list], name: str) -> None:
+    """OUT/NAME.pt (rank 0): the global grad norm and the full trained weights after each
+    update this process ran."""
     if distributed.is_main_process():
-        torch.save({"weights": weights, "grad_norms": norms}, out / f"{name}.pt")
+        torch.save(record, out / f"{name}.pt")
 
 
 def parse_overrides(items: list[str]) -> dict[str, object]:
@@ -126,17 +128,18 @@ def main(data: str, out_dir: str, mode: str, steps: str, *flags: str) -> None:
     name = str(overrides.pop("name", mode))
     config = fsdp_config(Path(data), out / "run", resume=mode == "resume", **overrides)
     trainer = build_trainer(config, info, BACKEND)
-    norms: list[float] = []
+    record: dict[str, list] = {"grad_norms": [], "weights": []}
     if mode == "resume":
         resume(trainer)
     while trainer.step < int(steps):
-        norms.append(one_update(trainer))
+        record["grad_norms"].append(one_update(trainer))
+        record["weights"].append(trained_weights(trainer))
     if mode == "save":
         save(trainer)
         one_update(trainer)  # trained but never saved: the resume must not see it
         distributed.barrier()
         os.kill(os.getpid(), signal.SIGKILL)
-    dump(trainer, out, norms, name)
+    dump(trainer, out, record, name)
     distributed.barrier()
     distributed.cleanup()
 
