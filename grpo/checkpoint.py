@@ -3,6 +3,8 @@
 Layout of `run_dir/checkpoint-<step>/`:
 
     adapter/             the LoRA adapter in peft's format (adapter_config.json + safetensors)
+    model/               instead, for full fine-tuning: the trained model as a directory
+                         transformers and vLLM load (safetensors, config, processor/tokenizer)
     trainer_state.pt     optimizer, LR scheduler, step, data position
     sharded/             --fsdp only: trained weights and optimizer state, one file per rank
                          (torch.distributed.checkpoint); trainer_state.pt then has no optimizer
@@ -17,6 +19,8 @@ other object is refused (unpickling it could run code). Python's RNG state is st
 `resolve_source` turns what evaluate.py is given (--ckpt, --model) into what to load:
 - a checkpoint-N directory (adapter/ + run.json): the base model named in run.json (or
   --model, checked to be the same architecture) with the adapter on it;
+- a full fine-tuning checkpoint-N (model/ + run.json): its model/ directory; --model, if
+  given, is checked to be the same architecture and is the base --compare-base scores;
 - a run directory: its latest checkpoint-N;
 - a merged model directory (config.json, e.g. from `evaluate.py export`): that model;
 - no --ckpt: the plain model --model.
@@ -51,7 +55,7 @@ import torch
 
 from data.cache import file_sha256
 from grpo import distributed
-from grpo.types import ADAPTER_CONFIG, EXPORT_INFO, Policy
+from grpo.types import ADAPTER_CONFIG, ADAPTER_DIR, EXPORT_INFO, MODEL_DIR, Policy
 
 BaseCheck = Callable[[str, str], None]  # (expected base, given model) -> raises if they differ
 
@@ -204,6 +208,11 @@ def load_sharded_state(
     )
 
 
+def trained_dir_name(policy: Policy) -> str:
+    """Where a checkpoint keeps the trained weights: model/ (full fine-tuning) or adapter/."""
+    return MODEL_DIR if policy.full else ADAPTER_DIR
+
+
 def save_checkpoint(
     run_dir: Path,
     step: int,
@@ -221,14 +230,14 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         if not policy.sharded:
-            policy.save_trainable(tmp / "adapter")
+            policy.save_trainable(tmp / trained_dir_name(policy))
         torch.save(trainer_state, tmp / "trainer_state.pt")
         (tmp / "run.json").write_text(json.dumps(run_info, indent=1, ensure_ascii=False))
     distributed.barrier()
     if policy.sharded:
         if optimizer is None:
             raise ValueError("save_checkpoint: a sharded policy needs the optimizer")
-        policy.save_trainable(tmp / "adapter")  # gathered to rank 0, which writes it
+        policy.save_trainable(tmp / trained_dir_name(policy))  # gathered to rank 0, written
         save_sharded_state(tmp / SHARDED, policy.module(), optimizer)
     torch.save(rng_state(), tmp / f"rng-rank{distributed.get_rank()}.pt")
     distributed.barrier()
@@ -271,7 +280,15 @@ def load_checkpoint(
             raise CheckpointError(f"{path}: no {SHARDED}/ state to resume a --fsdp run from")
         load_sharded_state(path / SHARDED, policy.module(), optimizer)
     else:
-        policy.load_trainable(path / "adapter")
+        trained = path / trained_dir_name(policy)
+        if not trained.is_dir():
+            held, wanted = (ADAPTER_DIR, MODEL_DIR) if policy.full else (MODEL_DIR, ADAPTER_DIR)
+            mode = "full fine-tuning (--full)" if policy.full else "LoRA"
+            raise RuntimeError(
+                f"{path}: holds {held}/, not the {wanted}/ a {mode} run resumes from: resume "
+                "with the settings it was trained with"
+            )
+        policy.load_trainable(trained)
     if rng is not None and state.get("world_size", distributed.get_world_size()) == (
         distributed.get_world_size()
     ):
@@ -305,8 +322,9 @@ def read_run_info(path: Path) -> dict[str, Any]:
 class ModelSource:
     """What --ckpt / --model resolve to.
 
-    model:   what to load (a base model under an adapter, or the model itself);
-    adapter: the peft adapter directory, for a training checkpoint;
+    model:   what to load (a base model under an adapter, or the model itself: a merged
+             export, a full fine-tuning checkpoint's model/, a plain model);
+    adapter: the peft adapter directory, for a LoRA training checkpoint;
     base:    the model to compare against (None: unknown);
     run:     run.json of the checkpoint or export_info.json of a merged model ({} if none).
     """
@@ -374,6 +392,13 @@ def resolve_source(
         run = read_run_info(path)
         base = _checkpoint_base(run, path, model, same_base)
         return ModelSource("checkpoint", base, path / "adapter", base, path, run)
+    if (path / "run.json").is_file() and (path / MODEL_DIR / "config.json").is_file():
+        run = read_run_info(path)
+        base = trained_base(run)
+        if model is not None and base is not None and same_base is not None:
+            same_base(base, model)
+        model_dir = str(path / MODEL_DIR)
+        return ModelSource("checkpoint", model_dir, None, model or base, path, run)
     if (path / ADAPTER_CONFIG).is_file():  # an adapter folder: inside a checkpoint, or bare
         if (path.parent / "run.json").is_file():
             return replace(resolve_source(str(path.parent), model, same_base), adapter=path)
@@ -389,6 +414,6 @@ def resolve_source(
         base = model or trained_base(run)
         return ModelSource("merged", str(path), None, base, path, run)
     raise CheckpointError(
-        f"--ckpt {ckpt}: not a checkpoint (adapter/ + run.json), a run directory "
+        f"--ckpt {ckpt}: not a checkpoint (adapter/ or model/ + run.json), a run directory "
         "(checkpoint-N), or a model directory (config.json)"
     )

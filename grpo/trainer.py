@@ -387,7 +387,8 @@ def average_gradients(parameters: list[torch.nn.Parameter]) -> None:
 
     We call the backbone and the LM head separately (to project only completion positions),
     which DDP's wrapper cannot see; with LoRA the trainable tensors are small, so one explicit
-    all-reduce per update is simple and cheap.
+    all-reduce per update is simple and cheap. Full fine-tuning uses the same reduction (the
+    flat buffer is the size of the model: sharding it is what FSDP is for).
     """
     world = distributed.get_world_size()
     if world == 1:
@@ -593,8 +594,11 @@ def settle_overwrite(run_dir: Path, succeeded: bool) -> None:
 
 
 def load_policy(backend: ModelBackend, config: TrainConfig, device: torch.device) -> Policy:
-    """The policy, its trainable weights equal on every rank (LoRA's A matrices are random)."""
+    """The policy, its trainable weights equal on every rank (LoRA's A matrices are random;
+    a fully fine-tuned model is read from the same files everywhere, so it already is)."""
     policy = backend.load_policy(config.policy_settings(), device)
+    if policy.full:
+        return policy
     for parameter in policy.trainable_parameters():
         parameter.data.copy_(distributed.broadcast_tensor(parameter.data))
     return policy

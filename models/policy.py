@@ -1,7 +1,9 @@
 """The policy as the trainer sees it: a LoRA-wrapped Qwen2.5-VL plus its processor, or
 (TextPolicy) a LoRA-wrapped text-only causal LM plus its tokenizer. `make_policy` picks the
 class from the checkpoint's config; the two differ only in how prompts are rendered and
-encoded and in the (empty, for text) set of suppressed vision tokens.
+encoded and in the (empty, for text) set of suppressed vision tokens. With settings.full the
+model is not wrapped: its language-model weights train themselves, and the reference is a
+frozen copy of the base (models/full.py).
 
 It implements grpo.types.Policy, so grpo/ never names Qwen. Every operation is the lean one:
 sampling prefills each prompt once (models.generation.sample_completions), log-probs are
@@ -28,9 +30,17 @@ from models.batch import (
     encode_prompts,
     encode_text_prompts,
 )
+from models.full import (
+    checkpointing_active,
+    frozen_copy,
+    load_full_weights,
+    make_fully_trainable,
+    save_full,
+)
 from models.generation import Completions, sample_completions, stop_token_ids, vision_token_ids
 from models.loading import (
     LoraSettings,
+    ModelLoadError,
     add_lora,
     is_vision_language,
     load_base_model,
@@ -42,9 +52,10 @@ from models.processor import fit_image, fitted_size, load_processor, pixel_bound
 
 
 def lora_settings(settings: PolicySettings) -> LoraSettings | None:
-    """The adapter to add (None: lora_r 0, a frozen model for evaluation). No dropout: the
-    policy that is trained must be the one that was sampled (and that vLLM holds)."""
-    if settings.lora_r <= 0:
+    """The adapter to add (None: full fine-tuning, or lora_r 0, a frozen model for evaluation).
+    No dropout: the policy that is trained must be the one that was sampled (and that vLLM
+    holds)."""
+    if settings.full or settings.lora_r <= 0:
         return None
     return LoraSettings(settings.lora_r, settings.lora_alpha, 0.0, settings.lora_vision)
 
@@ -62,8 +73,13 @@ class Policy:
         model = load_base_model(self.path, device, dtype, settings.attn_implementation)
         lora = lora_settings(settings)
         model.requires_grad_(False)
+        self.full = settings.full
+        # full fine-tuning's reference: the base, copied before anything trains (beta > 0 only)
+        self.reference = frozen_copy(model) if settings.full and settings.reference else None
         if lora:
             model = add_lora(model, lora, settings.gradient_checkpointing, self.has_vision)
+        if settings.full:
+            self.make_full(model, settings)
         self.model = model
         self.model.eval()  # dropout off for good (see lora_settings)
         if settings.packing and (reason := packing_refusal(unwrap(model))):
@@ -75,6 +91,7 @@ class Policy:
         # never sampled, so never scored: their logits are -inf in every log-prob pass
         self.suppressed = torch.tensor(sorted(self.vision_ids), dtype=torch.long, device=device)
         self.root: torch.nn.Module | None = None  # the FSDP2 root unit once sharded
+        self.reference_root: torch.nn.Module | None = None  # the frozen copy's, when sharded
 
     def run(self, step: Callable[..., Any], *args: Any) -> Any:
         """step(model, *args): through the root FSDP unit when sharded (models/sharding.py),
@@ -82,6 +99,16 @@ class Policy:
         if self.root is None:
             return step(self.model, *args)
         return self.root(step, *args)
+
+    def make_full(self, model: Any, settings: PolicySettings) -> None:
+        """Every language-model weight trainable (the vision tower's too with lora_vision)."""
+        if settings.lora_vision and not self.has_vision:
+            raise ModelLoadError("lora_vision was asked for, but the model has no vision tower")
+        self.trained_names = set(make_fully_trainable(model, settings.lora_vision))
+        if settings.gradient_checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
 
     def load_inputs(self, settings: PolicySettings) -> Any:
         """Load what turns prompts into tensors (the processor); return its tokenizer."""
@@ -157,16 +184,18 @@ class Policy:
         image_features: list[torch.Tensor] | None = None,
     ) -> TokenLogProbs:
         """Log-probs [N, T] (and entropy) of the completions under the policy, with grad."""
-        logp, entropy = self.run(
-            logprob_tensors,
-            batch,
-            temperature,
-            with_entropy,
-            image_features,
-            self.settings.chunk_tokens,
-            self.suppressed,
-            self.settings.packing,
-        )
+        checkpointing = self.settings.gradient_checkpointing and torch.is_grad_enabled()
+        with checkpointing_active(self.model, checkpointing):
+            logp, entropy = self.run(
+                logprob_tensors,
+                batch,
+                temperature,
+                with_entropy,
+                image_features,
+                self.settings.chunk_tokens,
+                self.suppressed,
+                self.settings.packing,
+            )
         return TokenLogProbs(logp, entropy)
 
     def reference_logprobs(
@@ -175,7 +204,20 @@ class Policy:
         temperature: float,
         image_features: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Log-probs [N, T] under the frozen reference (adapter disabled), no grad."""
+        """Log-probs [N, T] under the frozen reference, no grad: the adapter disabled (LoRA),
+        or the frozen copy of the base (full fine-tuning; sharded like the policy)."""
+        if self.full:
+            with torch.no_grad(), self.adapter_disabled():  # the frozen copy stands in
+                return self.run(
+                    logprob_tensors,
+                    batch,
+                    temperature,
+                    False,
+                    image_features,
+                    self.settings.chunk_tokens,
+                    self.suppressed,
+                    self.settings.packing,
+                )[0]
         return self.run(
             reference_logprobs,
             batch,
@@ -190,22 +232,48 @@ class Policy:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
+    def frozen_reference(self) -> Any:
+        """Full fine-tuning's frozen copy of the base; an error when none was kept."""
+        if self.reference is None:
+            raise RuntimeError(
+                "this full fine-tuning policy keeps no reference copy (built only when the "
+                "KL term needs one, beta > 0)"
+            )
+        return self.reference
+
     @contextmanager
     def adapter_disabled(self) -> Iterator[None]:
-        """Inside the block the policy computes (and its merged weights are) the base model's."""
-        with self.model.disable_adapter():
+        """Inside the block the policy computes (and its merged weights are) the base model's:
+        the adapter is switched off (LoRA) or the frozen copy stands in (full fine-tuning)."""
+        if not self.full:
+            with self.model.disable_adapter():
+                yield
+            return
+        trained, self.model = self.model, self.frozen_reference()
+        trained_root, self.root = self.root, self.reference_root
+        try:
             yield
+        finally:
+            self.model, self.root = trained, trained_root
 
     def save_trainable(self, directory: Path) -> None:
-        """The adapter in peft's format. Sharded: a collective (the adapter is gathered to
-        rank 0, which writes it); unsharded: call it on the writing rank only."""
+        """The adapter in peft's format, or (full fine-tuning) the whole model as a transformers
+        directory. Sharded: a collective (the tensors are gathered to rank 0, which writes);
+        unsharded: call it on the writing rank only."""
         if self.root is None:
-            self.model.save_pretrained(directory)
+            if self.full:
+                save_full(self, directory)
+            else:
+                self.model.save_pretrained(directory)
             return
-        from models.sharding import gathered_trainable
+        from models.sharding import gathered_state
 
-        state = gathered_trainable(self.root)  # {} except on rank 0
-        if state:
+        state = gathered_state(self.root, trained_only=not self.full)  # {} except on rank 0
+        if not state:
+            return
+        if self.full:
+            save_full(self, directory, state)
+        else:
             self.model.save_pretrained(directory, state_dict=state)
 
     def load_trainable(self, directory: Path) -> None:
@@ -214,15 +282,20 @@ class Policy:
         if self.root is not None:
             raise NotImplementedError(
                 "a sharded policy resumes from its torch.distributed.checkpoint state "
-                "(grpo/checkpoint.py), not from the adapter directory"
+                "(grpo/checkpoint.py), not from the adapter or model directory"
             )
-        load_adapter_weights(self.model, directory)
+        if self.full:
+            load_full_weights(self.model, directory)
+        else:
+            load_adapter_weights(self.model, directory)
 
     # --- sharding (models/sharding.py) ----------------------------------------------------
     def shard(self, mesh: Any, settings: ShardSettings) -> None:
         from models.sharding import shard_model
 
         self.root = shard_model(self.model, mesh, settings)
+        if self.reference is not None:  # full fine-tuning's frozen copy, sharded the same way
+            self.reference_root = shard_model(self.reference, mesh, settings)
 
     @property
     def sharded(self) -> bool:
@@ -232,7 +305,11 @@ class Policy:
         return self.root if self.root is not None else self.model
 
     def describe(self) -> dict[str, Any]:
-        return {"base_model": self.settings.model, "base_model_path": self.path}
+        return {
+            "base_model": self.settings.model,
+            "base_model_path": self.path,
+            "full": self.full,
+        }
 
 
 def logprob_tensors(model: Any, *args: Any) -> tuple[torch.Tensor, torch.Tensor | None]:

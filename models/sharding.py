@@ -129,15 +129,22 @@ def is_dtensor(t: torch.Tensor) -> bool:
     return isinstance(t, DTensor)
 
 
-def gathered_trainable(root: RootUnit) -> dict[str, torch.Tensor]:
-    """The trainable parameters as full CPU tensors on rank 0 ({} on the others), named as in
-    the (peft) model: a collective. For the adapter, which is small; a 72B model's full state
-    is never gathered this way (torch.distributed.checkpoint saves it sharded)."""
+def gathered_state(root: RootUnit, trained_only: bool = True) -> dict[str, torch.Tensor]:
+    """The trainable parameters (or, trained_only False, the whole state) as full CPU tensors
+    on rank 0 ({} on the others), named as in the wrapped (peft or HF) model: a collective.
+
+    Fine for an adapter. For full fine-tuning this holds the whole model in rank 0's host
+    memory (a 72B bf16 model: ~145 GB): the resumable state never goes this way
+    (torch.distributed.checkpoint saves it sharded), only the consolidated export does.
+    """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    options = StateDictOptions(
+        full_state_dict=True, cpu_offload=True, ignore_frozen_params=trained_only
+    )
     state = get_model_state_dict(root, options=options)  # names start with "model."
-    # a tied frozen weight (lm_head = embed_tokens) can slip through ignore_frozen_params
-    trained = {name for name, p in root.named_parameters() if p.requires_grad}
+    if trained_only:  # a tied frozen weight (lm_head = embed_tokens) can slip through
+        trained = {name for name, p in root.named_parameters() if p.requires_grad}
+        state = {n: t for n, t in state.items() if n in trained}
     # clone: on one rank the "gathered" tensors can be the parameters themselves
-    return {n.removeprefix("model."): t.clone() for n, t in state.items() if n in trained}
+    return {n.removeprefix("model."): t.clone() for n, t in state.items()}

@@ -99,9 +99,9 @@ def trained_weights(trainer: Trainer) -> dict[str, torch.Tensor]:
     """The trainable tensors in full, by (peft) parameter name (rank 0; {} elsewhere)."""
     policy = trainer.policy
     if policy.sharded:
-        from models.sharding import gathered_trainable
+        from models.sharding import gathered_state
 
-        return gathered_trainable(policy.root)
+        return gathered_state(policy.root)
     return {n: p.detach().clone() for n, p in policy.model.named_parameters() if p.requires_grad}
 
 
