@@ -23,11 +23,12 @@ import torch
 
 import models  # noqa: F401
 from grpo import distributed
-from grpo.config import TrainConfig
+from grpo.config import TrainConfig, coerce
 from grpo.rollout import task_prompts
 from grpo.trainer import Trainer, Trajectory, add_fixed_logprobs, build_trainer, resume, save
 from grpo.trainer import update as update_step
 from models import BACKEND
+from models.sharding import is_dtensor
 from tests.training_helpers import small_config
 
 GLOBAL_TRAJECTORIES = 2
@@ -113,11 +114,11 @@ def dump(trainer: Trainer, out: Path, record: dict[str, list], name: str) -> Non
 
 
 def parse_overrides(items: list[str]) -> dict[str, object]:
-    """FLAG=VALUE pairs: true/false become booleans."""
+    """FIELD=VALUE pairs, typed as TrainConfig's fields ("name" is the dump's name)."""
     out: dict[str, object] = {}
     for item in items:
         key, _, value = item.partition("=")
-        out[key] = {"true": True, "false": False}.get(value, value)
+        out[key] = value if key == "name" else coerce(key, value, "worker")
     return out
 
 
@@ -139,6 +140,9 @@ def main(data: str, out_dir: str, mode: str, steps: str, *flags: str) -> None:
         one_update(trainer)  # trained but never saved: the resume must not see it
         distributed.barrier()
         os.kill(os.getpid(), signal.SIGKILL)
+    reference = getattr(trainer.policy, "reference", None)  # full fine-tuning's frozen copy
+    if reference is not None:
+        record["reference_sharded"] = [all(is_dtensor(p) for p in reference.parameters())]
     dump(trainer, out, record, name)
     distributed.barrier()
     distributed.cleanup()
