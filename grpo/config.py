@@ -179,6 +179,7 @@ class TrainConfig:
             sleep=self.vllm_sleep,
             seed=self.seed,
             max_images_per_prompt=max(1, max_images_per_prompt),
+            tensor_parallel_size=self.vllm_tensor_parallel_size,
         )
 
     def shard_settings(self) -> ShardSettings:
@@ -456,16 +457,18 @@ def _validate_parallel(config: TrainConfig) -> None:
         raise ConfigError(
             "fsdp_cpu_offload=True: without CUDA the shards already live in host memory; drop it"
         )
+    if config.fsdp and config.vllm_sync == "adapter" and config.sampler_backend == "vllm":
+        raise ConfigError("vllm_sync='adapter' with fsdp=True: a sharded policy syncs merged")
     k = config.vllm_tensor_parallel_size
     if k < 1:
         raise ConfigError(f"vllm_tensor_parallel_size={k}: must be >= 1")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world % k:
+        raise ConfigError(f"vllm_tensor_parallel_size={k} must divide the world size {world}")
     if k > 1 and not cuda:
         raise ConfigError(
             f"vllm_tensor_parallel_size={k}: tensor-parallel vLLM needs GPUs; on a CPU use 1"
         )
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world % k:
-        raise ConfigError(f"vllm_tensor_parallel_size={k} must divide the world size {world}")
     if k > 1 and config.sampler_backend != "vllm":
         raise ConfigError(f"vllm_tensor_parallel_size={k} needs sampler=vllm")
 

@@ -108,6 +108,7 @@ class SamplerSettings:
     sleep: bool = False  # free engine memory between generation and training (GPU only)
     seed: int = 0  # the engine of rank r uses seed + r
     max_images_per_prompt: int = 1
+    tensor_parallel_size: int = 1  # torchrun ranks per engine (vLLM external_launcher, GPUs)
 
 
 @dataclass(frozen=True)

@@ -91,14 +91,6 @@ def shard_model(model: nn.Module, mesh: Any, settings: ShardSettings) -> RootUni
     return root
 
 
-def sharding_units(root: RootUnit) -> list[nn.Module]:
-    """The FSDP units of a sharded model in module order, the root last."""
-    from torch.distributed.fsdp import FSDPModule
-
-    blocks = [m for m in root.model.modules() if isinstance(m, FSDPModule)]
-    return [*blocks, root]
-
-
 def unit_prefixes(root: RootUnit) -> dict[nn.Module, str]:
     """Each block unit's module name inside the (peft) model."""
     from torch.distributed.fsdp import FSDPModule
@@ -106,16 +98,23 @@ def unit_prefixes(root: RootUnit) -> dict[nn.Module, str]:
     return {m: name for name, m in root.model.named_modules() if isinstance(m, FSDPModule)}
 
 
-def gathered_units(root: RootUnit) -> Iterator[tuple[str | None, nn.Module]]:
+def gathered_units(
+    root: RootUnit, wanted: Callable[[str | None], bool] = lambda name: True
+) -> Iterator[tuple[str | None, nn.Module]]:
     """(block name inside the model, block), each block unsharded while the caller holds it
     and resharded before the next one is gathered; then (None, root) with the root's own
-    parameters gathered. At most one unit's full parameters exist at a time."""
+    parameters gathered. At most one unit's full parameters exist at a time. Units for which
+    `wanted(name)` is False are skipped (not gathered); it must answer alike on every rank."""
     for unit, name in unit_prefixes(root).items():
+        if not wanted(name):
+            continue
         unit.unshard()
         try:
             yield name, unit
         finally:
             unit.reshard()
+    if not wanted(None):
+        return
     root.unshard()
     try:
         yield None, root
@@ -148,3 +147,43 @@ def gathered_state(root: RootUnit, trained_only: bool = True) -> dict[str, torch
         state = {n: t for n, t in state.items() if n in trained}
     # clone: on one rank the "gathered" tensors can be the parameters themselves
     return {n.removeprefix("model."): t.clone() for n, t in state.items()}
+
+
+def sharded_sync_batches(
+    root: RootUnit, full_names: set[str] | None
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """What a weight sync pushes, one FSDP unit at a time: each list holds one unit's tensors
+    (in-memory names) while that unit alone is gathered; push it before asking for the next.
+
+    LoRA (full_names None): the unit's adapted linears merged, W + s * B @ A, with their fused
+    siblings; the root unit holds no adapted linear. Full fine-tuning: the unit's own trained
+    parameters (`full_names`, the policy's trained_names). So at most one block's full weights
+    (and its merged copies) exist at once, never the whole model.
+    """
+    from models.merge import in_memory_name, lora_linears, merged_lora_weights
+
+    model = root.model
+    blocks = list(unit_prefixes(root).values())
+    adapted = list(lora_linears(model))  # in-memory names of the LoRA linears
+
+    def wanted(prefix: str | None) -> bool:  # a unit without an adapted linear is not gathered
+        if full_names is not None:
+            return True
+        return prefix is not None and any(
+            a.startswith(f"{in_memory_name(prefix)}.") for a in adapted
+        )
+
+    for prefix, unit in gathered_units(root, wanted):
+        if full_names is None:
+            if prefix is not None:
+                yield list(merged_lora_weights(model, within=in_memory_name(prefix)))
+            continue
+        if prefix is None:  # the root's own parameters: not inside any block
+            own = [
+                (n, p)
+                for n, p in model.named_parameters()
+                if not any(n.startswith(f"{b}.") for b in blocks)
+            ]
+        else:
+            own = [(f"{prefix}.{n}", p) for n, p in unit.named_parameters()]
+        yield [(n, p.detach()) for n, p in own if n in full_names]
