@@ -166,12 +166,13 @@ def sharded_sync_batches(
     blocks = list(unit_prefixes(root).values())
     adapted = list(lora_linears(model))  # in-memory names of the LoRA linears
 
-    def wanted(prefix: str | None) -> bool:  # a unit without an adapted linear is not gathered
-        if full_names is not None:
-            return True
-        return prefix is not None and any(
-            a.startswith(f"{in_memory_name(prefix)}.") for a in adapted
-        )
+    def wanted(prefix: str | None) -> bool:  # a unit with nothing to push is not gathered
+        if full_names is None:
+            inside = f"{in_memory_name(prefix)}." if prefix is not None else None
+            return inside is not None and any(a.startswith(inside) for a in adapted)
+        if prefix is None:
+            return any(not any(n.startswith(f"{b}.") for b in blocks) for n in full_names)
+        return any(n.startswith(f"{prefix}.") for n in full_names)
 
     for prefix, unit in gathered_units(root, wanted):
         if full_names is None:
