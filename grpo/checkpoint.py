@@ -6,6 +6,8 @@ Layout of `run_dir/checkpoint-<step>/`:
     model/               instead, for full fine-tuning: the trained model as a directory
                          transformers and vLLM load (safetensors, config, processor/tokenizer)
     trainer_state.pt     optimizer, LR scheduler, step, data position
+    sharded/             --fsdp only: trained weights and optimizer state, one file per rank
+                         (torch.distributed.checkpoint); trainer_state.pt then has no optimizer
     rng-rank<r>.pt       every rank's RNG states (python, torch, CUDA)
     run.json             base model, task and the resolved config (what evaluate.py reads)
     manifest.json        size and sha256 of every other file, written last
@@ -28,6 +30,12 @@ when complete: rename is atomic, so a kill during a save leaves no `checkpoint-<
 looks complete but is not, and only complete checkpoints are ever found by `latest_checkpoint`.
 The manifest catches what rename cannot: a file damaged afterwards (a full disk, a bad copy);
 `latest_valid_checkpoint` skips such a checkpoint, with a warning naming it.
+
+A sharded (--fsdp) run writes its resumable state with torch.distributed.checkpoint: every rank
+writes its own shards of the trained parameters and of the AdamW moments, and nothing is
+gathered on one rank. The files record each shard's place in the full tensor, so a resume
+onto another number of ranks reads the pieces it needs (`load_sharded_state`). The RNG states
+are per rank: a resume onto another world size reseeds each rank (with a warning).
 """
 
 from __future__ import annotations
@@ -146,6 +154,60 @@ def safe_load(path: Path) -> Any:
         ) from None
 
 
+SHARDED = "sharded"  # the torch.distributed.checkpoint directory of a sharded run
+
+
+def sharded_options(strict: bool = True) -> Any:
+    """Only the trained tensors: a frozen base model is reloaded from its own files."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True, strict=strict)
+
+
+def trained_only(module: torch.nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    """`state` without frozen tensors: a frozen weight tied to another name (lm_head.weight is
+    embed_tokens.weight) can pass ignore_frozen_params under its second name."""
+    trained = {name for name, p in module.named_parameters() if p.requires_grad}
+    return {name: value for name, value in state.items() if name in trained}
+
+
+def save_sharded_state(
+    directory: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> None:
+    """Each rank writes its shards of the trained parameters and of the optimizer state
+    (a collective; the directory must be on storage every rank sees)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(module, optimizer, options=sharded_options())
+    model_state = trained_only(module, model_state)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(directory))
+
+
+def load_sharded_state(
+    directory: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> None:
+    """Read what `save_sharded_state` wrote into `module` and `optimizer`, on any number of
+    ranks: each reads the pieces of the shards it now holds (a collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    # the current (sharded) state is the template: it says which pieces this rank needs
+    model_state, optimizer_state = get_state_dict(module, optimizer, options=sharded_options())
+    model_state = trained_only(module, model_state)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=str(directory))
+    set_state_dict(
+        module,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optimizer"],
+        # not strict: the frozen tensors are absent by design; every trained one is there,
+        # since the template holds exactly those and dcp.load fails on any it cannot find
+        options=sharded_options(strict=False),
+    )
+
+
 def trained_dir_name(policy: Policy) -> str:
     """Where a checkpoint keeps the trained weights: model/ (full fine-tuning) or adapter/."""
     return MODEL_DIR if policy.full else ADAPTER_DIR
@@ -158,17 +220,25 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     run_info: dict[str, Any],
     keep: int | None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> Path:
-    """Write checkpoint-<step> (all ranks call this; rank 0 writes the shared files)."""
+    """Write checkpoint-<step> (all ranks call this; rank 0 writes the shared files). A sharded
+    policy also writes `sharded/` with `optimizer`'s state (trainer_state then has none)."""
     final = run_dir / f"checkpoint-{step}"
     tmp = run_dir / f".checkpoint-{step}.tmp"
     if distributed.is_main_process():
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        policy.save_trainable(tmp / trained_dir_name(policy))
+        if not policy.sharded:
+            policy.save_trainable(tmp / trained_dir_name(policy))
         torch.save(trainer_state, tmp / "trainer_state.pt")
         (tmp / "run.json").write_text(json.dumps(run_info, indent=1, ensure_ascii=False))
     distributed.barrier()
+    if policy.sharded:
+        if optimizer is None:
+            raise ValueError("save_checkpoint: a sharded policy needs the optimizer")
+        policy.save_trainable(tmp / trained_dir_name(policy))  # gathered to rank 0, written
+        save_sharded_state(tmp / SHARDED, policy.module(), optimizer)
     torch.save(rng_state(), tmp / f"rng-rank{distributed.get_rank()}.pt")
     distributed.barrier()
     if distributed.is_main_process():
@@ -188,28 +258,50 @@ def _rotate(run_dir: Path, keep: int | None) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, policy: Policy) -> dict[str, Any]:
+def load_checkpoint(
+    path: Path, policy: Policy, optimizer: torch.optim.Optimizer | None = None
+) -> dict[str, Any]:
     """Load the trained weights into `policy` and this rank's RNG; return the trainer state.
+    A sharded policy also gets `optimizer`'s state from `sharded/`, on any number of ranks.
 
     Both state files are read before anything changes, so a refused one leaves all as it was.
     """
-    rng_file = path / f"rng-rank{distributed.get_rank()}.pt"
-    if not rng_file.is_file():
+    rank = distributed.get_rank()
+    rng_file = path / f"rng-rank{rank}.pt"
+    if not rng_file.is_file() and not policy.sharded:
         raise RuntimeError(
-            f"{path}: no RNG state for rank {distributed.get_rank()} "
-            "(resumed with a different number of processes?)"
+            f"{path}: no RNG state for rank {rank} (resumed with a different number of "
+            "processes? only --fsdp checkpoints resume onto another world size)"
         )
-    trained = path / trained_dir_name(policy)
-    if not trained.is_dir():
-        held, wanted = (ADAPTER_DIR, MODEL_DIR) if policy.full else (MODEL_DIR, ADAPTER_DIR)
-        mode = "full fine-tuning (--full)" if policy.full else "LoRA"
-        raise RuntimeError(
-            f"{path}: holds {held}/, not the {wanted}/ a {mode} run resumes from: resume "
-            "with the settings it was trained with"
+    state = safe_load(path / "trainer_state.pt")
+    rng = safe_load(rng_file) if rng_file.is_file() else None
+    if policy.sharded:
+        if not (path / SHARDED).is_dir() or optimizer is None:
+            raise CheckpointError(f"{path}: no {SHARDED}/ state to resume a --fsdp run from")
+        load_sharded_state(path / SHARDED, policy.module(), optimizer)
+    else:
+        trained = path / trained_dir_name(policy)
+        if not trained.is_dir():
+            held, wanted = (ADAPTER_DIR, MODEL_DIR) if policy.full else (MODEL_DIR, ADAPTER_DIR)
+            mode = "full fine-tuning (--full)" if policy.full else "LoRA"
+            raise RuntimeError(
+                f"{path}: holds {held}/, not the {wanted}/ a {mode} run resumes from: resume "
+                "with the settings it was trained with"
+            )
+        policy.load_trainable(trained)
+    if rng is not None and state.get("world_size", distributed.get_world_size()) == (
+        distributed.get_world_size()
+    ):
+        set_rng_state(rng)
+    else:
+        warnings.warn(
+            f"{path} was saved by {state.get('world_size')} ranks, resumed on "
+            f"{distributed.get_world_size()}: rank {rank} is reseeded, so sampling draws differ "
+            "from an uninterrupted run",
+            stacklevel=2,
         )
-    state, rng = safe_load(path / "trainer_state.pt"), safe_load(rng_file)
-    policy.load_trainable(trained)
-    set_rng_state(rng)
+        random.seed(state["step"] * 1_000_003 + rank)
+        torch.manual_seed(state["step"] * 1_000_003 + rank)
     return state
 
 

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import importlib.util
 import math
+import os
 import types
 import typing
 from collections.abc import Callable
@@ -23,7 +24,7 @@ import yaml
 
 from grpo.loss import LossSettings
 from grpo.sampler_correction import IS_MODES, CorrectionSettings
-from grpo.types import PolicySettings, SamplerSettings, SamplingSettings
+from grpo.types import PolicySettings, SamplerSettings, SamplingSettings, ShardSettings
 
 # The sampler "auto" picks on a CPU: the faster one on SmolLM2 here (README, Speed; measured with
 # bench/step.py and bench/sampling.py). On CUDA "auto" is vLLM.
@@ -111,6 +112,10 @@ class TrainConfig:
     max_pixels: int | None = None
     logprob_chunk_tokens: int = 1024
     packing: bool = False  # padding-free log-prob passes (text models only; models/packing.py)
+    # scaling past one GPU (README "Scaling"; models/sharding.py)
+    fsdp: bool = False  # shard parameters, gradients and optimizer state with FSDP2
+    fsdp_cpu_offload: bool = False  # keep the shards (and the AdamW step) on the host (CUDA)
+    vllm_tensor_parallel_size: int = 1  # ranks per vLLM engine (GPUs; divides the world size)
     # checkpoints and logging
     save_steps: int = 50  # 0: only the final checkpoint (the final one is always saved)
     save_total_limit: int | None = 3
@@ -175,6 +180,17 @@ class TrainConfig:
             sleep=self.vllm_sleep,
             seed=self.seed,
             max_images_per_prompt=max(1, max_images_per_prompt),
+            tensor_parallel_size=self.vllm_tensor_parallel_size,
+        )
+
+    def shard_settings(self) -> ShardSettings:
+        """FSDP2's mixed precision: bf16 compute with float32 gradient reduction on CUDA; on a
+        CPU the parameters' own dtype (float32) throughout."""
+        cuda = torch.cuda.is_available()
+        return ShardSettings(
+            param_dtype=torch.bfloat16 if cuda else None,
+            reduce_dtype=torch.float32 if cuda else None,
+            cpu_offload=self.fsdp_cpu_offload,
         )
 
     def sampling_settings(self) -> SamplingSettings:
@@ -424,12 +440,38 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"dtype={config.dtype!r}: expected a torch float type, e.g. bfloat16")
     _validate_corrections(config)
     _validate_evaluation(config)
+    _validate_parallel(config)
     _validate_full(config)
     try:  # the loss variants' own rules (grpo/loss.py), so they live in one place
         config.loss_settings()
     except ValueError as e:  # LossSettings says eps_*, the config calls them epsilon_*
         message = str(e).replace("eps_low", "epsilon_low").replace("eps_high", "epsilon_high")
         raise ConfigError(f"loss settings: {message}") from None
+
+
+def _validate_parallel(config: TrainConfig) -> None:
+    """--fsdp-cpu-offload and --vllm-tensor-parallel-size: what this machine and job allow."""
+    cuda = torch.cuda.is_available()
+    if config.fsdp_cpu_offload and not config.fsdp:
+        raise ConfigError("fsdp_cpu_offload=True needs fsdp=True (it offloads FSDP2's shards)")
+    if config.fsdp_cpu_offload and not cuda:
+        raise ConfigError(
+            "fsdp_cpu_offload=True: without CUDA the shards already live in host memory; drop it"
+        )
+    if config.fsdp and config.vllm_sync == "adapter" and config.sampler_backend == "vllm":
+        raise ConfigError("vllm_sync='adapter' with fsdp=True: a sharded policy syncs merged")
+    k = config.vllm_tensor_parallel_size
+    if k < 1:
+        raise ConfigError(f"vllm_tensor_parallel_size={k}: must be >= 1")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world % k:
+        raise ConfigError(f"vllm_tensor_parallel_size={k} must divide the world size {world}")
+    if k > 1 and not cuda:
+        raise ConfigError(
+            f"vllm_tensor_parallel_size={k}: tensor-parallel vLLM needs GPUs; on a CPU use 1"
+        )
+    if k > 1 and config.sampler_backend != "vllm":
+        raise ConfigError(f"vllm_tensor_parallel_size={k} needs sampler=vllm")
 
 
 def _is_float_dtype(name: str) -> bool:

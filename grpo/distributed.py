@@ -158,3 +158,17 @@ def broadcast_tensor(t: torch.Tensor, src: int = 0) -> torch.Tensor:
     out = t.detach().clone().contiguous()
     dist.broadcast(out, src=src)
     return out
+
+
+def device_mesh(info: DistInfo) -> Any:
+    """The 1-D device mesh FSDP2 shards over: every rank of the job.
+
+    A single process (no torchrun) gets a process group of one first, so `--fsdp` runs the
+    same code on one GPU, and its checkpoints resume onto more ranks and back.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if not is_distributed():
+        backend = "nccl" if info.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return init_device_mesh(info.device.type, (get_world_size(),))

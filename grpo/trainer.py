@@ -85,6 +85,9 @@ class Trajectory:
     old_logp: torch.Tensor | None = None  # [n, T] policy before this step's updates (mu > 1)
     metrics: dict[str, float] = field(default_factory=dict)  # rewards, lengths, ... of all N
     records: list[dict[str, Any]] = field(default_factory=list)  # N completions, for the logs
+    # a sharded policy's forwards are collectives: a rank without a row with signal keeps one
+    # row anyway, runs its forward and backward with the loss times 0, and counts no token
+    placeholder: bool = False
 
     @property
     def loss_mask(self) -> torch.Tensor:
@@ -281,6 +284,8 @@ def collect(
     )
 
     keep = rows_with_signal(config, rewards, batch.truncated)  # the n rows with signal
+    if not keep and policy.sharded:
+        keep, trajectory.placeholder = [0], True
     trajectory.advantages = advantages.to(policy.device, torch.float32)  # [N]
     if len(keep) < batch.num_rows:
         keep_rows(trajectory, keep)
@@ -420,6 +425,16 @@ def average_gradients(parameters: list[torch.nn.Parameter]) -> None:
             offset += n
 
 
+def global_grad_norm(parameters: list[torch.nn.Parameter], max_norm: float) -> float:
+    """Clip the gradients to `max_norm` in total 2-norm over all parameters, and return that
+    norm. Sharded (DTensor) gradients: clip_grad_norm_ reduces the shards' norms over the
+    ranks, so the norm is the global one and every rank clips by the same factor."""
+    norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+    if hasattr(norm, "full_tensor"):  # a DTensor
+        norm = norm.full_tensor()
+    return float(norm)
+
+
 def update(
     policy: Policy,
     optimizer: torch.optim.Optimizer,
@@ -429,10 +444,13 @@ def update(
 ) -> StepStats:
     """Steps 4-5: one pass of loss + backward over the trajectories, then one optimizer step."""
     settings = config.loss_settings()
-    tokens = torch.tensor(sum(float(t.loss_mask.sum()) for t in trajectories))
+    counted = [t for t in trajectories if not t.placeholder]
+    tokens = torch.tensor(sum(float(t.loss_mask.sum()) for t in counted))
     num_items = max(float(distributed.all_reduce_sum(tokens)), 1.0)  # dapo: all ranks' tokens
     # dapo's normaliser already spans every accumulated batch; the others are per-batch means
     scale = 1.0 if settings.loss_type == "dapo" else 1.0 / len(trajectories)
+    # no row with signal: nothing to run here (other ranks may still have some)
+    running = [t for t in trajectories if t.batch.num_rows > 0]
     per_batch = [
         loss_and_backward(
             policy,
@@ -441,21 +459,22 @@ def update(
             config.correction_settings(),
             config.temperature,
             num_items,
-            scale,
+            0.0 if t.placeholder else scale,
         )
-        for t in trajectories
-        if t.batch.num_rows > 0  # no row with signal here; other ranks may still have some
+        for t in running
     ]
+    per_batch = [stats for stats, t in zip(per_batch, running, strict=True) if not t.placeholder]
     parameters = policy.trainable_parameters()
-    average_gradients(parameters)
-    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
+    if not policy.sharded:  # FSDP2's reduce-scatter has averaged the sharded gradients
+        average_gradients(parameters)
+    grad_norm = global_grad_norm(parameters, config.max_grad_norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     stats = mean_of(per_batch) if per_batch else {}
     return StepStats(
         loss=stats.pop("loss", float("nan")),
-        grad_norm=float(grad_norm),
+        grad_norm=grad_norm,
         entropy=stats.pop("entropy", float("nan")),
         loss_stats=stats,
     )
@@ -633,6 +652,8 @@ def build_trainer(
     samples = load_samples(path, skip_bad=config.skip_bad_samples, **data_options(config))
     samples, eval_samples = split_samples(config, task, samples)  # never trained on
     policy = load_policy(backend, config, info.device)
+    if config.fsdp:  # after the broadcast: every rank shards the same weights
+        policy.shard(distributed.device_mesh(info), config.shard_settings())
     report_visual_tokens(policy, samples)
     images = max(len(s.images) for s in samples)
     sampler = backend.make_sampler(config.sampler_settings(images), policy)
@@ -656,12 +677,16 @@ def build_trainer(
 
 
 def trainer_state(trainer: Trainer) -> dict[str, Any]:
-    return {
+    """What resumes the loop; a sharded run's optimizer state goes to sharded/ instead."""
+    state = {
         "step": trainer.step,
-        "optimizer": trainer.optimizer.state_dict(),
         "scheduler": trainer.scheduler.state_dict(),
         "data_position": dataclasses.asdict(trainer.stream.position),
+        "world_size": distributed.get_world_size(),
     }
+    if not trainer.policy.sharded:
+        state["optimizer"] = trainer.optimizer.state_dict()
+    return state
 
 
 def run_info(trainer: Trainer) -> dict[str, Any]:
@@ -684,8 +709,9 @@ def resume(trainer: Trainer) -> None:
     checkpoint = latest_valid_checkpoint(run_dir)
     if checkpoint is None:
         raise FileNotFoundError(f"--resume: no usable checkpoint in {run_dir}")
-    state = load_checkpoint(checkpoint, trainer.policy)
-    trainer.optimizer.load_state_dict(state["optimizer"])
+    state = load_checkpoint(checkpoint, trainer.policy, trainer.optimizer)
+    if not trainer.policy.sharded:
+        trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.scheduler.load_state_dict(state["scheduler"])
     trainer.stream.position = StreamPosition(**state["data_position"])
     trainer.step = state["step"]
@@ -709,6 +735,7 @@ def save(trainer: Trainer, run_dir: Path | None = None, extra: dict | None = Non
         trainer_state(trainer),
         {**run_info(trainer), **(extra or {})},
         trainer.config.save_total_limit if run_dir is None else 1,
+        trainer.optimizer,
     )
 
 

@@ -108,6 +108,20 @@ class SamplerSettings:
     sleep: bool = False  # free engine memory between generation and training (GPU only)
     seed: int = 0  # the engine of rank r uses seed + r
     max_images_per_prompt: int = 1
+    tensor_parallel_size: int = 1  # torchrun ranks per engine (vLLM external_launcher, GPUs)
+
+
+@dataclass(frozen=True)
+class ShardSettings:
+    """How FSDP2 shards the policy (grpo/distributed.py builds the mesh; models/ wraps).
+
+    param_dtype None: compute in the parameters' own dtype (float32 on a CPU); reduce_dtype is
+    the dtype gradients are reduce-scattered (averaged over ranks) in.
+    """
+
+    param_dtype: torch.dtype | None = None  # bf16 on CUDA
+    reduce_dtype: torch.dtype | None = None  # float32 on CUDA
+    cpu_offload: bool = False  # sharded parameters, gradients and optimizer state on the host
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,6 +211,21 @@ class Policy(Protocol):
 
     def describe(self) -> dict[str, Any]:
         """What a checkpoint records about the model (base model name and path)."""
+        ...
+
+    def shard(self, mesh: Any, settings: ShardSettings) -> None:
+        """Shard the model with FSDP2 over the device mesh `mesh`, in place; afterwards
+        `trainable_parameters` are the sharded DTensors the optimizer must own, and
+        save_trainable/load_trainable are collectives every rank calls."""
+        ...
+
+    @property
+    def sharded(self) -> bool:
+        """Whether `shard` has run."""
+        ...
+
+    def module(self) -> torch.nn.Module:
+        """The trained nn.Module whose (sharded) state torch.distributed.checkpoint saves."""
         ...
 
 

@@ -93,12 +93,13 @@ def checkpointing_active(model: nn.Module, enabled: bool) -> Iterator[None]:
             m.training = flag
 
 
-def save_full(policy: Any, directory: Path) -> None:
-    """The policy's whole model as a transformers directory (module docstring)."""
+def save_full(policy: Any, directory: Path, state: dict[str, torch.Tensor] | None = None) -> None:
+    """The policy's whole model as a transformers directory (module docstring); `state`: its
+    tensors gathered from the shards of a sharded policy (models/sharding.py)."""
     from models.export import save_processor
 
     directory.mkdir(parents=True, exist_ok=True)
-    policy.model.save_pretrained(directory)
+    policy.model.save_pretrained(directory, state_dict=state)
     save_processor(policy, directory)
 
 

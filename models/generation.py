@@ -221,12 +221,17 @@ def sample_completions(
     stop_ids: set[int],
     suppressed: torch.Tensor,
     image_features: list[torch.Tensor] | None = None,
+    synced: bool = False,
 ) -> Completions:
     """n completions per prompt (rows group-major) with a KV cache shared across each group.
 
     `image_features` (per prompt image, from models.logprobs.encode_images) skip the vision
     tower; without them each image is encoded once here, not n times.
+    synced: the model is sharded (FSDP2), and every forward is a collective, so each rank runs
+    as many decode steps as the rank that decodes longest (`synced_sample`).
     """
+    if synced:
+        return synced_sample(model, prompts, n, settings, stop_ids, suppressed, image_features)
     device, width = prompts.input_ids.device, settings.max_new_tokens
     hidden, cache, position = _prefill(model, prompts, image_features)  # [P, H], cache, [P]
     logits = unwrap(model).lm_head(hidden).repeat_interleave(n, dim=0)  # [N, V]
@@ -254,6 +259,59 @@ def sample_completions(
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)  # [A, Lp + t + 1]
             logits = _decode_step(model, token, mask, position + t, cache)  # [A, V]
     ends = lengths.tolist()
+    return Completions(
+        [row[:end] for row, end in zip(tokens.tolist(), ends, strict=True)],
+        [row[:end] for row, end in zip(logps.tolist(), ends, strict=True)],
+    )
+
+
+def _anyone_decoding(going: bool, device: torch.device) -> bool:
+    """Whether some rank still has rows decoding (a collective)."""
+    import torch.distributed as dist
+
+    flag = torch.tensor([float(going)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+@torch.no_grad()
+def synced_sample(
+    model: Any,
+    prompts: PromptBatch,
+    n: int,
+    settings: SamplingSettings,
+    stop_ids: set[int],
+    suppressed: torch.Tensor,
+    image_features: list[torch.Tensor] | None = None,
+) -> Completions:
+    """`sample_completions` for a sharded model: the same distribution, in lock-step across
+    ranks (not the same random numbers: stopped rows still draw).
+
+    Rows that stop stay in the batch (their later tokens are discarded by `lengths`), and the
+    loop ends only when no rank has a row decoding: then every rank has run the same number
+    of forwards, so the blocks' all-gathers pair up.
+    """
+    device, width = prompts.input_ids.device, settings.max_new_tokens
+    hidden, cache, position = _prefill(model, prompts, image_features)  # [P, H], cache, [P]
+    logits = unwrap(model).lm_head(hidden).repeat_interleave(n, dim=0)  # [N, V]
+    cache.batch_repeat_interleave(n)
+    position = position.repeat_interleave(n)  # [N]
+    mask = prompts.attention_mask.repeat_interleave(n, dim=0)  # [N, Lp]
+    stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+    tokens = torch.zeros(mask.shape[0], width, dtype=torch.long, device=device)  # [N, W]
+    logps = torch.zeros(mask.shape[0], width, device=device)  # [N, W]
+    lengths = torch.full((mask.shape[0],), width, device=device)  # [N]
+    for t in range(width):
+        token, logp = next_tokens(logits, settings, suppressed)  # [N], [N]
+        decoding = lengths == width  # [N] not stopped before step t
+        tokens[decoding, t], logps[decoding, t] = token[decoding], logp[decoding]
+        lengths[decoding & torch.isin(token, stops)] = t + 1
+        going = bool((lengths == width).any())
+        if t + 1 == width or not _anyone_decoding(going, device):
+            break
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)  # [N, Lp + t + 1]
+        logits = _decode_step(model, token, mask, position + t, cache)  # [N, V]
+    ends = lengths.long().tolist()
     return Completions(
         [row[:end] for row, end in zip(tokens.tolist(), ends, strict=True)],
         [row[:end] for row, end in zip(logps.tolist(), ends, strict=True)],

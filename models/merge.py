@@ -89,8 +89,11 @@ def _fused_siblings(module_name: str) -> list[str]:
     return [module_name]
 
 
-def merged_lora_weights(policy_or_model: Any) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, weight) for every LoRA-adapted linear, merged, plus its fused siblings' weights.
+def merged_lora_weights(
+    policy_or_model: Any, within: str | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, weight) for every LoRA-adapted linear, merged, plus its fused siblings' weights;
+    with `within` (a module's in-memory name) only those inside that module.
 
     Lazy: each merged tensor is built when the consumer asks for it, so streaming a large model
     holds one extra matrix at a time. Order follows the model's modules, which keeps the parts
@@ -102,6 +105,8 @@ def merged_lora_weights(policy_or_model: Any) -> Iterator[tuple[str, torch.Tenso
     for peft_name, module in model.named_modules():
         name = in_memory_name(peft_name)
         if name not in wanted or peft_name.endswith(".base_layer"):  # the wrapper stands for it
+            continue
+        if within is not None and not name.startswith(f"{within}."):
             continue
         if name in adapted:
             yield f"{name}.weight", merged_weight(module)

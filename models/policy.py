@@ -15,14 +15,14 @@ from: the vision special tokens suppressed.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from grpo.types import PolicySettings, PromptInput, SamplingSettings, TokenLogProbs
+from grpo.types import PolicySettings, PromptInput, SamplingSettings, ShardSettings, TokenLogProbs
 from models.batch import (
     PromptBatch,
     RolloutBatch,
@@ -90,6 +90,15 @@ class Policy:
         self.vision_ids = vision_token_ids(self.tokenizer) if self.has_vision else set()
         # never sampled, so never scored: their logits are -inf in every log-prob pass
         self.suppressed = torch.tensor(sorted(self.vision_ids), dtype=torch.long, device=device)
+        self.root: torch.nn.Module | None = None  # the FSDP2 root unit once sharded
+        self.reference_root: torch.nn.Module | None = None  # the frozen copy's, when sharded
+
+    def run(self, step: Callable[..., Any], *args: Any) -> Any:
+        """step(model, *args): through the root FSDP unit when sharded (models/sharding.py),
+        so the parameters outside the blocks are gathered for it."""
+        if self.root is None:
+            return step(self.model, *args)
+        return self.root(step, *args)
 
     def make_full(self, model: Any, settings: PolicySettings) -> None:
         """Every language-model weight trainable (the vision tower's too with lora_vision)."""
@@ -131,8 +140,15 @@ class Policy:
         image_features: list[torch.Tensor] | None = None,
     ) -> Completions:
         """n completions per encoded prompt with their log-probs, from the policy's weights."""
-        return sample_completions(
-            self.model, prompts, n, settings, self.stop_ids, self.suppressed, image_features
+        return self.run(
+            sample_completions,
+            prompts,
+            n,
+            settings,
+            self.stop_ids,
+            self.suppressed,
+            image_features,
+            self.sharded,  # every rank decodes until all are done: the blocks' collectives
         )
 
     def rollout_batch(
@@ -158,7 +174,7 @@ class Policy:
         if self.vision_trainable or prompts.pixel_values is None:
             return None
         with torch.no_grad():
-            return encode_images(self.model, prompts)
+            return self.run(encode_images, prompts)
 
     def logprobs(
         self,
@@ -170,8 +186,8 @@ class Policy:
         """Log-probs [N, T] (and entropy) of the completions under the policy, with grad."""
         checkpointing = self.settings.gradient_checkpointing and torch.is_grad_enabled()
         with checkpointing_active(self.model, checkpointing):
-            return completion_logprobs(
-                self.model,
+            logp, entropy = self.run(
+                logprob_tensors,
                 batch,
                 temperature,
                 with_entropy,
@@ -180,6 +196,7 @@ class Policy:
                 self.suppressed,
                 self.settings.packing,
             )
+        return TokenLogProbs(logp, entropy)
 
     def reference_logprobs(
         self,
@@ -188,11 +205,11 @@ class Policy:
         image_features: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Log-probs [N, T] under the frozen reference, no grad: the adapter disabled (LoRA),
-        or the frozen copy of the base (full fine-tuning)."""
+        or the frozen copy of the base (full fine-tuning; sharded like the policy)."""
         if self.full:
-            with torch.no_grad():
-                return completion_logprobs(
-                    self.frozen_reference(),
+            with torch.no_grad(), self.adapter_disabled():  # the frozen copy stands in
+                return self.run(
+                    logprob_tensors,
                     batch,
                     temperature,
                     False,
@@ -200,9 +217,9 @@ class Policy:
                     self.settings.chunk_tokens,
                     self.suppressed,
                     self.settings.packing,
-                ).logp
-        return reference_logprobs(
-            self.model,
+                )[0]
+        return self.run(
+            reference_logprobs,
             batch,
             temperature,
             image_features,
@@ -233,24 +250,59 @@ class Policy:
                 yield
             return
         trained, self.model = self.model, self.frozen_reference()
+        trained_root, self.root = self.root, self.reference_root
         try:
             yield
         finally:
-            self.model = trained
+            self.model, self.root = trained, trained_root
 
     def save_trainable(self, directory: Path) -> None:
+        """The adapter in peft's format, or (full fine-tuning) the whole model as a transformers
+        directory. Sharded: a collective (the tensors are gathered to rank 0, which writes);
+        unsharded: call it on the writing rank only."""
+        if self.root is None:
+            if self.full:
+                save_full(self, directory)
+            else:
+                self.model.save_pretrained(directory)
+            return
+        from models.sharding import gathered_state
+
+        state = gathered_state(self.root, trained_only=not self.full)  # {} except on rank 0
+        if not state:
+            return
         if self.full:
-            save_full(self, directory)
+            save_full(self, directory, state)
         else:
-            self.model.save_pretrained(directory)
+            self.model.save_pretrained(directory, state_dict=state)
 
     def load_trainable(self, directory: Path) -> None:
         from models.export import load_adapter_weights
 
+        if self.root is not None:
+            raise NotImplementedError(
+                "a sharded policy resumes from its torch.distributed.checkpoint state "
+                "(grpo/checkpoint.py), not from the adapter or model directory"
+            )
         if self.full:
             load_full_weights(self.model, directory)
         else:
             load_adapter_weights(self.model, directory)
+
+    # --- sharding (models/sharding.py) ----------------------------------------------------
+    def shard(self, mesh: Any, settings: ShardSettings) -> None:
+        from models.sharding import shard_model
+
+        self.root = shard_model(self.model, mesh, settings)
+        if self.reference is not None:  # full fine-tuning's frozen copy, sharded the same way
+            self.reference_root = shard_model(self.reference, mesh, settings)
+
+    @property
+    def sharded(self) -> bool:
+        return self.root is not None
+
+    def module(self) -> torch.nn.Module:
+        return self.root if self.root is not None else self.model
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -258,6 +310,15 @@ class Policy:
             "base_model_path": self.path,
             "full": self.full,
         }
+
+
+def logprob_tensors(model: Any, *args: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """completion_logprobs as a tuple of tensors: the root FSDP unit hooks the backward onto
+    the tensors a forward returns, and it does not look inside a dataclass. Copies, not
+    views: an in-place op on a returned view would bypass that hook ([N, T]: cheap)."""
+    out = completion_logprobs(model, *args)
+    entropy = out.entropy.clone() if out.entropy is not None else None
+    return out.logp.clone(), entropy
 
 
 def plain_message(message: dict) -> dict:

@@ -44,5 +44,6 @@ def make_sampler(settings: SamplerSettings, policy: Policy) -> Sampler:
         sleep=settings.sleep,
         seed=settings.seed,  # the sampler adds the rank
         max_images_per_prompt=max(1, settings.max_images_per_prompt),
+        tensor_parallel_size=settings.tensor_parallel_size,
     )
     return VLLMSampler(policy, engine)

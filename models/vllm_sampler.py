@@ -73,6 +73,7 @@ class VLLMSettings:
     kv_cache_gib: float | None = None  # None: 1 GiB on CPU, sized by utilization on GPU
     chunked_prefill: bool | None = None  # None: vLLM's default
     max_images_per_prompt: int = 1
+    tensor_parallel_size: int = 1  # k consecutive torchrun ranks share one engine (GPUs)
 
 
 def _is_distributed() -> bool:
@@ -82,6 +83,38 @@ def _is_distributed() -> bool:
 
 def _process_rank() -> int:
     return torch.distributed.get_rank() if _is_distributed() else 0
+
+
+def engine_index(tensor_parallel_size: int) -> int:
+    """Which engine this rank belongs to: ranks k*e .. k*e + k - 1 form engine e (the grouping
+    vLLM's external_launcher executor makes of the torchrun world for tensor parallelism)."""
+    return _process_rank() // tensor_parallel_size
+
+
+class TensorParallelGroup:
+    """The k ranks serving one tensor-parallel engine, and the exchange of their prompts.
+
+    Every rank of a vLLM tensor-parallel engine runs the same scheduler on the same requests,
+    so the k ranks must submit identical batches: each rank's prompts are gathered across its
+    group, all k generate the group's batch together, and each keeps its own slice.
+    """
+
+    def __init__(self, k: int) -> None:
+        dist = torch.distributed
+        world = dist.get_world_size()
+        if world % k:
+            raise ValueError(f"tensor_parallel_size {k} must divide the world size {world}")
+        self.k, self.rank = k, dist.get_rank()
+        groups = [dist.new_group(list(range(e * k, e * k + k))) for e in range(world // k)]
+        self.group = groups[self.rank // k]  # every rank creates every group, in order
+
+    def gather(self, prompts: list[PromptInput]) -> tuple[list[PromptInput], slice]:
+        """The group's prompts in rank order, and the slice of them that is this rank's."""
+        parts: list[Any] = [None] * self.k
+        torch.distributed.all_gather_object(parts, prompts, group=self.group)
+        mine = self.rank % self.k
+        start = sum(len(part) for part in parts[:mine])
+        return [p for part in parts for p in part], slice(start, start + len(prompts))
 
 
 def _inspect_models_with_cpu_compat() -> None:
@@ -138,11 +171,11 @@ def engine_arguments(policy: Any, settings: VLLMSettings) -> dict[str, Any]:
     args: dict[str, Any] = {
         "model": policy.path,
         "dtype": dtype,
-        "seed": settings.seed + _process_rank(),
+        "seed": settings.seed + engine_index(settings.tensor_parallel_size),
         "max_model_len": model_length(policy.model.config, settings.max_model_len),
         "gpu_memory_utilization": settings.gpu_memory_utilization,
         "enforce_eager": on_cpu if settings.enforce_eager is None else settings.enforce_eager,
-        "tensor_parallel_size": 1,
+        "tensor_parallel_size": settings.tensor_parallel_size,
         "logprobs_mode": "processed_logprobs",
     }
     if policy.has_vision:
@@ -159,8 +192,12 @@ def engine_arguments(policy: Any, settings: VLLMSettings) -> dict[str, Any]:
         args |= {"enable_lora": True, "max_loras": 1, "max_lora_rank": _lora_rank(policy.model)}
     if settings.sleep and not on_cpu:
         args["enable_sleep_mode"] = True
+    if settings.tensor_parallel_size > 1 and on_cpu:
+        raise ValueError("vLLM tensor parallelism needs GPUs; on a CPU use tensor_parallel_size 1")
     if _is_distributed() and torch.distributed.get_world_size() > 1 and not on_cpu:
-        # one engine per torchrun process, sharing its process group (as TRL's colocate mode)
+        # the engine lives in the torchrun processes, sharing their process group (as TRL's
+        # colocate mode): one engine per rank, or with tensor_parallel_size k one engine per
+        # k consecutive ranks, each rank holding 1/k of its weights and KV cache
         args["distributed_executor_backend"] = "external_launcher"
     return args
 
@@ -219,7 +256,10 @@ class VLLMSampler:
         self.can_sleep = settings.sleep and policy.device.type != "cpu"
         if settings.sleep and not self.can_sleep:
             log.warning("vLLM sleep mode is GPU-only; on CPU the engine stays resident")
-        self.llm = create_engine(engine_arguments(policy, settings))
+        args = engine_arguments(policy, settings)  # checks the settings first
+        k = settings.tensor_parallel_size
+        self.tensor_parallel = TensorParallelGroup(k) if k > 1 else None
+        self.llm = create_engine(args)
         self.banned_words = self._vision_words(policy)
         self.asleep: set[str] = set()  # tags vLLM currently has asleep: "weights", "kv_cache"
         self.adapter: Any = None  # the LoRARequest in use (adapter sync)
@@ -228,7 +268,10 @@ class VLLMSampler:
         weakref.finalize(self, shutil.rmtree, self.adapter_root, True)
         # per-request seeds come from this stream, so the samples depend on the engine seed
         # (distinct per rank) and never on, or disturb, the trainer's global RNG
-        self.rng = torch.Generator().manual_seed(settings.seed + _process_rank())
+        # (one stream per engine: the ranks of a tensor-parallel engine must send equal seeds)
+        self.rng = torch.Generator().manual_seed(
+            settings.seed + engine_index(settings.tensor_parallel_size)
+        )
         if settings.sync == "adapter":
             self.sync_weights(policy)
 
@@ -280,7 +323,16 @@ class VLLMSampler:
         return {"prompt": prompt.text, "multi_modal_data": {"image": list(prompt.images)}}
 
     def generate(self, prompts: list[PromptInput], n: int, settings: SamplingSettings) -> Rollout:
-        """n completions per prompt with their sampler log-probs; rows group-major."""
+        """n completions per prompt with their sampler log-probs; rows group-major. With a
+        tensor-parallel engine, the k ranks' prompts go in as one batch (TensorParallelGroup)."""
+        if self.tensor_parallel is not None:
+            everyone, mine = self.tensor_parallel.gather(prompts)
+            rollout = self._generate(everyone, n, settings)
+            rows = slice(mine.start * n, mine.stop * n)
+            return Rollout(rollout.completion_ids[rows], rollout.logprobs[rows])
+        return self._generate(prompts, n, settings)
+
+    def _generate(self, prompts: list[PromptInput], n: int, settings: SamplingSettings) -> Rollout:
         self._wake(("weights", "kv_cache"))
         # vLLM refuses n > 1 with greedy decoding: send each prompt n times instead
         copies = n if settings.greedy else 1
@@ -318,7 +370,9 @@ class VLLMSampler:
     def sync_weights(self, policy: Any) -> None:
         """Make the engine sample from the policy's current weights; the policy is only read."""
         self._wake(("weights",))
-        if self.settings.sync == "adapter":
+        if getattr(policy, "sharded", False):
+            self._push_sharded(policy)
+        elif self.settings.sync == "adapter":
             self._swap_adapter(policy)
         elif getattr(policy, "full", False):  # every trained tensor (the LM, by default)
             push_weights(self.llm, changed_weights(policy.model, policy.trained_names))
@@ -327,6 +381,18 @@ class VLLMSampler:
         else:  # no adapter: the whole model is trained, so all of it moves
             push_weights(self.llm, merged_state_dict(policy).items())
         reset_caches(self.llm)
+
+    def _push_sharded(self, policy: Any) -> None:
+        """A sharded (--fsdp) policy: gather, merge and push one FSDP unit at a time (a
+        collective: every rank syncs its own engine at once)."""
+        from models.sharding import sharded_sync_batches
+
+        if self.settings.sync == "adapter":
+            raise ValueError("vllm_sync='adapter' with --fsdp: use the merged sync")
+        names = policy.trained_names if getattr(policy, "full", False) else None
+        for batch in sharded_sync_batches(policy.root, names):
+            if batch:
+                push_weights(self.llm, batch)
 
     def _swap_adapter(self, policy: Any) -> None:
         self.adapter_count += 1
