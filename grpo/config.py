@@ -109,7 +109,7 @@ class TrainConfig:
     min_pixels: int | None = None
     max_pixels: int | None = None
     logprob_chunk_tokens: int = 1024
-    packing: bool = False  # padding-free log-prob passes (text models only; models/packing.py)
+    packing: bool = False  # padding-free log-prob passes (text LMs, Qwen2.5-VL; models/packing.py)
     # checkpoints and logging
     save_steps: int = 50  # 0: only the final checkpoint (the final one is always saved)
     save_total_limit: int | None = 3

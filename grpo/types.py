@@ -82,7 +82,7 @@ class PolicySettings:
     min_pixels: int | None = None  # None: the checkpoint's processor setting
     max_pixels: int | None = None
     chunk_tokens: int = 1024  # tokens per vocabulary-projection chunk in log-prob passes
-    packing: bool = False  # log-prob passes over one padding-free sequence (text models only)
+    packing: bool = False  # padding-free log-prob passes (text LMs and Qwen2.5-VL)
 
 
 @dataclass(frozen=True)
