@@ -278,8 +278,16 @@ class VLLMSampler:
             return {"prompt": prompt.text}
         return {"prompt": prompt.text, "multi_modal_data": {"image": list(prompt.images)}}
 
-    def generate(self, prompts: list[PromptInput], n: int, settings: SamplingSettings) -> Rollout:
-        """n completions per prompt with their sampler log-probs; rows group-major."""
+    def generate(
+        self,
+        prompts: list[PromptInput],
+        n: int,
+        settings: SamplingSettings,
+        encoded: Any = None,
+        image_features: Any = None,
+    ) -> Rollout:
+        """n completions per prompt with their sampler log-probs; rows group-major. The
+        engine encodes the PromptInputs itself: `encoded` / `image_features` are not used."""
         self._wake(("weights", "kv_cache"))
         # vLLM refuses n > 1 with greedy decoding: send each prompt n times instead
         copies = n if settings.greedy else 1
