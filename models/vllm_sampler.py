@@ -71,6 +71,7 @@ class VLLMSettings:
     enforce_eager: bool | None = None  # None: True on CPU (no graphs there), False on GPU
     kv_cache_gib: float | None = None  # None: 1 GiB on CPU, sized by utilization on GPU
     chunked_prefill: bool | None = None  # None: vLLM's default
+    max_num_batched_tokens: int | None = None  # tokens per engine step (None: vLLM's default)
     max_images_per_prompt: int = 1
 
 
@@ -154,6 +155,8 @@ def engine_arguments(policy: Any, settings: VLLMSettings) -> dict[str, Any]:
         args["kv_cache_memory_bytes"] = int(kv_gib * 2**30)
     if settings.chunked_prefill is not None:
         args["enable_chunked_prefill"] = settings.chunked_prefill
+    if settings.max_num_batched_tokens is not None:
+        args["max_num_batched_tokens"] = settings.max_num_batched_tokens
     if settings.sync == "adapter":
         args |= {"enable_lora": True, "max_loras": 1, "max_lora_rank": _lora_rank(policy.model)}
     if settings.sleep and not on_cpu:
