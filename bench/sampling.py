@@ -15,6 +15,10 @@ check. Figures are medians over --repeats after one warm-up round; printed, neve
 The policy carries a LoRA adapter of rank --lora-r (default 16) with random B, as in training:
 the transformers sampler runs it, vLLM gets the merged weights.
 
+Threads: the colocated engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so it
+computes on torch's threads (--threads); VLLM_CPU_OMP_THREADS_BIND only binds the workers of
+vLLM's multiprocess executor and has no effect here (it is recorded all the same).
+
 A text-only --model gets arithmetic questions instead of images. One JSON line per sampler is
 printed and appended to bench/results.jsonl (bench/record.py).
 """
