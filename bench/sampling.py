@@ -9,7 +9,15 @@ check. Figures are medians over --repeats after one warm-up round; printed, neve
     python bench/sampling.py                         # 2 prompts x G=8 x 32 tokens, tiny model
     python bench/sampling.py --prompts 4 --group 16
     python bench/sampling.py --model smollm2 --prompts 4 --group 8 --tokens 64 --sampler vllm \
-        --threads 2 --dtype bfloat16 --kv-cache-gib 0.25 --chunked-prefill off
+        --threads 2 --vllm-dtype bfloat16 --kv-cache-gib 0.25 --chunked-prefill off \
+        --max-num-batched-tokens 2048 --enforce-eager off
+
+The policy carries a LoRA adapter of rank --lora-r (default 16) with random B, as in training:
+the transformers sampler runs it, vLLM gets the merged weights.
+
+Threads: the colocated engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so it
+computes on torch's threads (--threads); VLLM_CPU_OMP_THREADS_BIND only binds the workers of
+vLLM's multiprocess executor and has no effect here (it is recorded all the same).
 
 A text-only --model gets arithmetic questions instead of images. One JSON line per sampler is
 printed and appended to bench/results.jsonl (bench/record.py).
@@ -86,6 +94,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--vllm-dtype", default=None, help="vLLM engine dtype (default: policy's)")
     parser.add_argument("--kv-cache-gib", type=float, default=0.5)
     parser.add_argument("--chunked-prefill", type=on_off, default=None, help="on | off")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="vLLM")
+    parser.add_argument("--enforce-eager", type=on_off, default=None, help="vLLM: on | off")
+    parser.add_argument("--lora-r", type=int, default=16, help="policy LoRA rank (0: none)")
     return parser.parse_args(argv)
 
 
@@ -97,7 +108,12 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.manual_seed(0)
     path = args.model or str(tiny_model_path(spec=VLLM_TINY))
-    policy = make_policy(PolicySettings(model=path, dtype=args.dtype), torch.device("cpu"))
+    policy_settings = PolicySettings(model=path, dtype=args.dtype, lora_r=args.lora_r)
+    policy = make_policy(policy_settings, torch.device("cpu"))
+    with torch.no_grad():  # a trained-looking adapter: LoRA B is 0 at initialisation
+        for name, p in policy.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.01)
     prompts = bench_prompts(policy, args.prompts)
     settings = SamplingSettings(max_new_tokens=args.tokens, temperature=1.0)
     results = {}
@@ -111,8 +127,11 @@ def main(argv: list[str] | None = None) -> None:
             kv_cache_gib=args.kv_cache_gib,
             dtype=args.vllm_dtype,
             chunked_prefill=args.chunked_prefill,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            enforce_eager=args.enforce_eager,
         )
         vllm = VLLMSampler(policy, engine)
+        vllm.sync_weights(policy)  # the adapted policy's weights, as after an optimizer step
         results["vLLM (colocated)"] = timed(
             lambda: vllm.generate(prompts, args.group, settings).completion_ids, args.repeats
         )
@@ -126,7 +145,10 @@ def main(argv: list[str] | None = None) -> None:
             "sampler": name,
             "model": args.model or "tiny",
             **{k: getattr(args, k) for k in ("prompts", "group", "tokens", "threads", "dtype")},
+            "lora_r": args.lora_r,
             **{k: getattr(args, k) for k in ("vllm_dtype", "kv_cache_gib", "chunked_prefill")},
+            **{k: getattr(args, k) for k in ("max_num_batched_tokens", "enforce_eager")},
+            "omp_threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND"),
             "tokens": tokens,
             "median_s": round(seconds, 3),
             "tokens_per_second": round(tokens / seconds, 1),

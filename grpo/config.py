@@ -111,7 +111,7 @@ class TrainConfig:
     min_pixels: int | None = None
     max_pixels: int | None = None
     logprob_chunk_tokens: int = 1024
-    packing: bool = False  # padding-free log-prob passes (text models only; models/packing.py)
+    packing: bool = False  # padding-free log-prob passes (text LMs, Qwen2.5-VL; models/packing.py)
     # scaling past one GPU (README "Scaling"; models/sharding.py)
     fsdp: bool = False  # shard parameters, gradients and optimizer state with FSDP2
     fsdp_cpu_offload: bool = False  # keep the shards (and the AdamW step) on the host (CUDA)

@@ -140,6 +140,7 @@ class Groups:
     weights: torch.Tensor  # [K] the reward weights
     draws: int = 1  # generation rounds it took (dynamic sampling)
     encoded: Any = None  # Policy.encode(prompts), kept while the groups are those of one draw
+    features: Any = None  # Policy.image_features(encoded), with `encoded` (None: not computed)
 
     def select(self, prompts: list[int]) -> Groups:
         """The groups of the prompts `prompts`, in that order."""
@@ -192,11 +193,17 @@ def sample_groups(
     prompts = task_prompts(policy, task, samples)
     encoded = policy.encode(prompts)
     check_prompt_lengths(samples, policy.prompt_lengths(encoded), config.max_prompt_length)
-    rollout = sampler.generate(prompts, config.num_generations, config.sampling_settings())
+    # without dynamic sampling these groups are the step's: their image features serve the
+    # sampler and every log-prob pass, so each image goes through the vision tower once
+    features = None if config.dynamic_sampling else policy.image_features(encoded)
+    settings = config.sampling_settings()
+    rollout = sampler.generate(prompts, config.num_generations, settings, encoded, features)
     texts = policy.decode(rollout.completion_ids)
     columns, where = reward_inputs(samples, rollout, config)
     per_function, weights = score_completions(specs, texts, columns, where)  # [N, K], [K]
-    return Groups(samples, prompts, rollout, texts, per_function, weights, encoded=encoded)
+    return Groups(
+        samples, prompts, rollout, texts, per_function, weights, encoded=encoded, features=features
+    )
 
 
 def combined_rewards(groups: Groups, config: TrainConfig) -> torch.Tensor:
@@ -262,11 +269,13 @@ def collect(
     g = config.num_generations
     with timer("sample"):
         groups = draw_groups(policy, sampler, task, stream, specs, config)
-    # a single draw's prompts were encoded for the length check; merged draws are encoded anew
+    # a single draw's prompts were encoded (and their images featurised) before sampling;
+    # dynamic sampling's merged draws are encoded anew
     encoded = groups.encoded
     prompt_batch = encoded if encoded is not None else policy.encode(groups.prompts)
     batch = policy.rollout_batch(prompt_batch, groups.rollout.completion_ids, g)
-    features = policy.image_features(prompt_batch)
+    reuse = encoded is not None and not config.dynamic_sampling
+    features = groups.features if reuse else policy.image_features(prompt_batch)
     sampler_logp = pad_sampler_logprobs(groups.rollout.logprobs, batch.completion_mask.shape[1])
     trajectory = Trajectory(batch, torch.empty(0), features, sampler_logp)  # [N, T]
     with timer("reward"):

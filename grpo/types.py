@@ -94,7 +94,7 @@ class PolicySettings:
     min_pixels: int | None = None  # None: the checkpoint's processor setting
     max_pixels: int | None = None
     chunk_tokens: int = 1024  # tokens per vocabulary-projection chunk in log-prob passes
-    packing: bool = False  # log-prob passes over one padding-free sequence (text models only)
+    packing: bool = False  # padding-free log-prob passes (text LMs and Qwen2.5-VL)
 
 
 @dataclass(frozen=True)
@@ -232,8 +232,21 @@ class Policy(Protocol):
 class Sampler(Protocol):
     """What the trainer needs from a generation backend."""
 
-    def generate(self, prompts: list[PromptInput], n: int, settings: SamplingSettings) -> Rollout:
-        """Sample `n` completions for each prompt; rows group-major."""
+    def generate(
+        self,
+        prompts: list[PromptInput],
+        n: int,
+        settings: SamplingSettings,
+        encoded: Any = None,
+        image_features: Any = None,
+    ) -> Rollout:
+        """Sample `n` completions for each prompt; rows group-major.
+
+        encoded: Policy.encode(prompts), image_features: Policy.image_features(encoded), when
+        the caller has them already: a sampler that runs the policy's own model then neither
+        tokenises nor preprocesses the prompts again, nor runs the vision tower again. A
+        sampler with an engine of its own (vLLM) takes the PromptInputs and ignores both.
+        """
         ...
 
     def sync_weights(self, policy: Policy) -> None:

@@ -297,7 +297,7 @@ def completion_logprobs(
     packing: one padding-free pass over the rows' real tokens (models/packing.py)."""
     if packing:
         return packed_completion_logprobs(
-            model, batch, temperature, with_entropy, chunk_tokens, suppressed
+            model, batch, temperature, with_entropy, chunk_tokens, suppressed, image_features
         )
     hidden = backbone_hidden(model, batch, image_features)  # [N, Lp + T, H]
     lp, t = batch.prompt_length, batch.completion_ids.shape[1]
@@ -322,8 +322,9 @@ def packed_completion_logprobs(
     with_entropy: bool = False,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     suppressed: torch.Tensor | None = None,
+    image_features: list[torch.Tensor] | None = None,
 ) -> TokenLogProbs:
-    """`completion_logprobs` through packed bins (text-only LMs; PackingError otherwise).
+    """`completion_logprobs` through packed bins (PackingError where packing is not exact).
 
     Completion token t of row i sits at column Lp + t; the hidden state predicting it is the
     one of column Lp + t - 1, found in the packed output through PackedBatch.slot.
@@ -333,7 +334,7 @@ def packed_completion_logprobs(
         raise PackingError(reason)
     capacity = bin_capacity(inner, batch.attention_mask)
     packed = pack_rows(batch.input_ids, batch.attention_mask, capacity)  # [B, C]
-    hidden = packed_hidden(inner, packed)  # [B * C, H]
+    hidden = packed_hidden(inner, packed, batch, image_features)  # [B * C, H]
     lp, t = batch.prompt_length, batch.completion_ids.shape[1]
     where = batch.completion_mask.reshape(-1).nonzero().squeeze(-1)  # [M]
     predictor = packed.slot[:, lp - 1 : lp - 1 + t].reshape(-1)[where]  # [M] packed slots

@@ -8,7 +8,10 @@
 
 from __future__ import annotations
 
+import torch
+
 from grpo.types import PromptInput, Rollout, Sampler, SamplerSettings, SamplingSettings
+from models.batch import PromptBatch
 from models.policy import Policy
 
 
@@ -18,8 +21,18 @@ class TransformersSampler:
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
 
-    def generate(self, prompts: list[PromptInput], n: int, settings: SamplingSettings) -> Rollout:
-        completions = self.policy.sample(self.policy.encode(prompts), n, settings)
+    def generate(
+        self,
+        prompts: list[PromptInput],
+        n: int,
+        settings: SamplingSettings,
+        encoded: PromptBatch | None = None,
+        image_features: list[torch.Tensor] | None = None,
+    ) -> Rollout:
+        """`encoded` / `image_features` (the trainer's, for these prompts) are used as given:
+        no second tokenisation or image preprocessing, no second vision-tower pass."""
+        batch = encoded if encoded is not None else self.policy.encode(prompts)
+        completions = self.policy.sample(batch, n, settings, image_features)
         return Rollout(completions.tokens, completions.logprobs)
 
     def sync_weights(self, policy: Policy) -> None:

@@ -72,6 +72,7 @@ class VLLMSettings:
     enforce_eager: bool | None = None  # None: True on CPU (no graphs there), False on GPU
     kv_cache_gib: float | None = None  # None: 1 GiB on CPU, sized by utilization on GPU
     chunked_prefill: bool | None = None  # None: vLLM's default
+    max_num_batched_tokens: int | None = None  # tokens per engine step (None: vLLM's default)
     max_images_per_prompt: int = 1
     tensor_parallel_size: int = 1  # k consecutive torchrun ranks share one engine (GPUs)
 
@@ -188,6 +189,8 @@ def engine_arguments(policy: Any, settings: VLLMSettings) -> dict[str, Any]:
         args["kv_cache_memory_bytes"] = int(kv_gib * 2**30)
     if settings.chunked_prefill is not None:
         args["enable_chunked_prefill"] = settings.chunked_prefill
+    if settings.max_num_batched_tokens is not None:
+        args["max_num_batched_tokens"] = settings.max_num_batched_tokens
     if settings.sync == "adapter":
         args |= {"enable_lora": True, "max_loras": 1, "max_lora_rank": _lora_rank(policy.model)}
     if settings.sleep and not on_cpu:
@@ -322,9 +325,18 @@ class VLLMSampler:
             return {"prompt": prompt.text}
         return {"prompt": prompt.text, "multi_modal_data": {"image": list(prompt.images)}}
 
-    def generate(self, prompts: list[PromptInput], n: int, settings: SamplingSettings) -> Rollout:
-        """n completions per prompt with their sampler log-probs; rows group-major. With a
-        tensor-parallel engine, the k ranks' prompts go in as one batch (TensorParallelGroup)."""
+    def generate(
+        self,
+        prompts: list[PromptInput],
+        n: int,
+        settings: SamplingSettings,
+        encoded: Any = None,
+        image_features: Any = None,
+    ) -> Rollout:
+        """n completions per prompt with their sampler log-probs; rows group-major. The
+        engine encodes the PromptInputs itself: `encoded` / `image_features` are not used.
+        With a tensor-parallel engine, the k ranks' prompts go in as one batch
+        (TensorParallelGroup)."""
         if self.tensor_parallel is not None:
             everyone, mine = self.tensor_parallel.gather(prompts)
             rollout = self._generate(everyone, n, settings)

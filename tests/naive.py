@@ -203,7 +203,15 @@ class NaiveSampler:
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
 
-    def generate(self, prompts: list[PromptInput], n: int, settings: SamplingSettings) -> Rollout:
+    def generate(
+        self,
+        prompts: list[PromptInput],
+        n: int,
+        settings: SamplingSettings,
+        encoded: Any = None,
+        image_features: Any = None,
+    ) -> Rollout:
+        """transformers' generate re-encodes the prompts: `encoded` / `image_features` unused."""
         policy = self.policy
         processor = policy.processor or policy.tokenizer  # a text-only LM has no processor
         ids = hf_generate(policy.model, processor, prompts, n, settings, policy.device)

@@ -1,10 +1,13 @@
 """Padding-free (packed) log-prob passes equal the padded ones, and are refused where not exact.
 
-On the tiny text models (tests/text_helpers.py), with ragged prompts and completions (an EOS
-mid-row, a one-token completion): policy and reference log-probs, entropy, a GRPO-like loss and
-its gradient w.r.t. every LoRA weight, packed (bins of the longest row, and one bin of all
-rows as flash-attention gets) against padded, within float32 tolerance. Qwen2.5-VL (3-D rotary
-positions) and unverified model types are refused with a clear error.
+On the tiny text models (tests/text_helpers.py) and the tiny Qwen2.5-VL, with ragged prompts
+and completions (an EOS mid-row, a one-token completion; for the VLM prompts with one image,
+two images of other sizes and none): policy and reference log-probs, entropy, a GRPO-like loss
+and its gradient w.r.t. every LoRA weight, packed (bins of BIN_ROWS x the longest row, and one
+bin of all rows as flash-attention gets) against padded, within float32 tolerance; for the VLM
+with the image features computed once per prompt and with the (LoRA-trained) vision tower run
+inside the pass. Unverified model types, attention implementations and sliding-window
+attention are refused with a clear error.
 """
 
 from __future__ import annotations
@@ -15,16 +18,19 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from PIL import Image
 from torch.testing import assert_close
 
-from grpo.types import PolicySettings
+from grpo.types import PolicySettings, PromptInput
 from models.batch import RolloutBatch
-from models.logprobs import completion_logprobs, reference_logprobs, unwrap
+from models.logprobs import completion_logprobs, features_for_rows, reference_logprobs, unwrap
 from models.packing import (
     PackingError,
     assign_bins,
     bin_capacity,
     pack_rows,
+    packed_image_features,
+    packed_rope_positions,
     packing_refusal,
 )
 from models.policy import Policy
@@ -75,7 +81,11 @@ def capacity(policy: Policy, batch: RolloutBatch, capacity_all: bool) -> int:
 
 
 def loss_and_grads(
-    policy: Policy, batch: RolloutBatch, packing: bool, capacity_all: bool = False
+    policy: Policy,
+    batch: RolloutBatch,
+    packing: bool,
+    capacity_all: bool = False,
+    features: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """(logp [N, T], entropy [N, T], ref logp [N, T], loss, LoRA gradients...)."""
     policy.model.zero_grad()
@@ -83,8 +93,12 @@ def loss_and_grads(
     with pytest.MonkeyPatch.context() as patch:
         if capacity_all:  # one bin of all rows, the layout flash-attention gets
             patch.setattr("models.logprobs.bin_capacity", lambda m, a: int(a.sum()))
-        out = completion_logprobs(policy.model, batch, 0.7, True, chunk_tokens=5, packing=packing)
-        ref = reference_logprobs(policy.model, batch, 0.7, chunk_tokens=5, packing=packing)
+        out = completion_logprobs(
+            policy.model, batch, 0.7, True, features, chunk_tokens=5, packing=packing
+        )
+        ref = reference_logprobs(
+            policy.model, batch, 0.7, features, chunk_tokens=5, packing=packing
+        )
     mask = batch.completion_mask
     advantages = torch.linspace(-1.0, 1.0, batch.num_rows)[:, None]  # [N, 1]
     ratio = torch.exp(out.logp - out.logp.detach())  # [N, T]
@@ -128,11 +142,6 @@ def test_policy_flag_routes_through_packing() -> None:
     assert ref.shape == padded.shape
 
 
-def test_packing_refused_for_vision_language(tiny_model_dir: Path) -> None:
-    with pytest.raises(PackingError, match="3-D rotary"):
-        Policy(PolicySettings(model=str(tiny_model_dir), packing=True), CPU)
-
-
 def test_packing_refused_for_unverified_types() -> None:
     def fake(model_type: str, attention: str) -> SimpleNamespace:
         config = SimpleNamespace(model_type=model_type, _attn_implementation=attention)
@@ -140,4 +149,129 @@ def test_packing_refused_for_unverified_types() -> None:
 
     assert packing_refusal(fake("llama", "sdpa")) is None
     assert "not 'gpt2'" in packing_refusal(fake("gpt2", "sdpa"))
+    assert "not 'qwen2_vl'" in packing_refusal(fake("qwen2_vl", "sdpa"))  # Qwen2-VL: unverified
     assert "flex_attention" in packing_refusal(fake("qwen2", "flex_attention"))
+    sliding = fake("qwen2", "sdpa")
+    sliding.config.use_sliding_window = True
+    assert "sliding-window" in packing_refusal(sliding)
+
+
+def test_packing_refusal_reads_a_vlm_text_config() -> None:
+    """Qwen2.5-VL keeps the language model's attention in its text config."""
+    text = SimpleNamespace(_attn_implementation="flex_attention", use_sliding_window=False)
+    config = SimpleNamespace(model_type="qwen2_5_vl", text_config=text)
+    vlm = SimpleNamespace(config=config, model=SimpleNamespace())
+    assert "'flex_attention'" in packing_refusal(vlm)
+    text._attn_implementation = "sdpa"
+    assert packing_refusal(vlm) is None
+
+
+def test_policy_refuses_packing_for_an_unverified_attention(tiny_model_dir: Path) -> None:
+    settings = PolicySettings(model=str(tiny_model_dir), packing=True, attn_implementation="eager")
+    Policy(settings, CPU)  # eager is verified
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("models.packing.PACKABLE_ATTENTION", ("sdpa",))
+        with pytest.raises(PackingError, match=r"--packing refused .*'eager'"):
+            Policy(settings, CPU)
+
+
+# --------------------------------------------------------------------------------------------
+# Qwen2.5-VL: 3-D rotary positions, several images of different sizes, text-only rows
+# --------------------------------------------------------------------------------------------
+
+
+def vision_policy(model_dir: Path, lora_vision: bool) -> Policy:
+    """The tiny Qwen2.5-VL with non-zero LoRA B (vision tower adapted too if asked)."""
+    torch.manual_seed(0)
+    settings = PolicySettings(model=str(model_dir), lora_vision=lora_vision, packing=True)
+    policy = Policy(settings, CPU)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in policy.model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+    return policy
+
+
+def image_batch(policy: Policy, images: list[Image.Image]) -> RolloutBatch:
+    """Prompts with one image, two images of two other sizes, none; G=2, ragged completions."""
+
+    def chat(text: str, pictures: list[Image.Image]) -> PromptInput:
+        content = [{"type": "image"} for _ in pictures] + [{"type": "text", "text": text}]
+        return policy.prompt_input([{"role": "user", "content": content}], pictures)
+
+    inputs = [chat("Read it.", images[:1]), chat("same?", images[1:]), chat("2 + 2 = ?", [])]
+    stop = min(policy.stop_ids)
+    completions = [[11, 12, 13], [14, stop, 99, 98], [16, 17, 18, 19, 20, 21], [stop], [22], [23]]
+    batch = policy.rollout_batch(policy.encode(inputs), completions, 2)
+    assert len(set(batch.attention_mask.sum(1).tolist())) >= 4  # ragged rows
+    return batch
+
+
+@pytest.mark.parametrize("capacity_all", [False, True])
+@pytest.mark.parametrize("cached_features", [True, False])
+def test_vision_language_packed_equals_padded(
+    tiny_model_dir: Path, images: list[Image.Image], capacity_all: bool, cached_features: bool
+) -> None:
+    """cached_features: features once per prompt image (frozen tower); otherwise the tower,
+    LoRA-adapted, runs inside both passes and its LoRA weights get gradients too."""
+    policy = vision_policy(tiny_model_dir, lora_vision=not cached_features)
+    batch = image_batch(policy, images)
+    features = policy.image_features(batch.prompts)
+    assert (features is not None) == cached_features
+    padded = loss_and_grads(policy, batch, False, features=features)
+    packed = loss_and_grads(policy, batch, True, capacity_all, features)
+    bins = pack_rows(batch.input_ids, batch.attention_mask, capacity(policy, batch, capacity_all))
+    assert bins.input_ids.shape[0] < batch.num_rows  # some bin holds several rows
+    assert padded[3].abs() > 1e-3 and all(g.abs().sum() > 0 for g in padded[4:])
+    for a, b in zip(padded[:4], packed[:4], strict=True):  # logp, entropy, ref, loss
+        assert_close(b, a, **TOL)
+    for a, b in zip(padded[4:], packed[4:], strict=True):  # d loss / d LoRA weights
+        assert_close(b, a, **GRAD_TOL)
+
+
+def test_vision_language_packed_positions_are_the_padded_rope_index(
+    tiny_model_dir: Path, images: list[Image.Image]
+) -> None:
+    """Row 0 restarts at 0 per row; rows 1..3 hold, slot for slot, the 3-D positions the
+    padded pass computes (which differ from the 1-D ones on image tokens)."""
+    policy = vision_policy(tiny_model_dir, lora_vision=False)
+    batch = image_batch(policy, images)
+    inner = unwrap(policy.model).model
+    packed = pack_rows(batch.input_ids, batch.attention_mask, int(batch.attention_mask.sum()))
+    positions = packed_rope_positions(inner, batch, packed).reshape(4, -1)  # [4, B * C]
+    rope, _ = inner.get_rope_index(
+        batch.input_ids,
+        batch.mm_token_type_ids,
+        batch.image_grid_thw,
+        None,
+        None,
+        batch.attention_mask,
+    )  # [3, N, L]
+    for i in range(batch.num_rows):
+        real = batch.attention_mask[i].bool()
+        slots = packed.slot[i][real]
+        assert positions[0, slots].tolist() == list(range(int(real.sum())))
+        assert torch.equal(positions[1:, slots], rope[:, i, real])
+    image_rows = batch.mm_token_type_ids.bool().any(1)
+    assert not torch.equal(rope[0][image_rows], rope[1][image_rows])  # really 3-D
+
+
+def test_vision_language_features_follow_the_packed_order(
+    tiny_model_dir: Path, images: list[Image.Image]
+) -> None:
+    """The features scattered into the packed image tokens are, token for token, the ones
+    the padded pass puts at the same (row, column)."""
+    policy = vision_policy(tiny_model_dir, lora_vision=False)
+    batch = image_batch(policy, images)
+    inner = unwrap(policy.model).model
+    features = policy.image_features(batch.prompts)
+    packed = pack_rows(batch.input_ids, batch.attention_mask, int(batch.attention_mask.sum()))
+    flat = packed_image_features(inner, batch, packed, features)  # [tokens, H] packed order
+    padded = features_for_rows(features, batch.prompts, batch.prompt_of_row)  # row order
+    image = batch.input_ids == unwrap(policy.model).config.image_token_id  # [N, L]
+    at = torch.zeros(packed.input_ids.numel(), dtype=torch.long)
+    at[packed.slot[image]] = torch.arange(int(image.sum()))  # padded feature index per slot
+    packed_image = packed.input_ids.reshape(-1) == unwrap(policy.model).config.image_token_id
+    assert torch.equal(flat, padded[at[packed_image]])
+    assert not torch.equal(flat, padded)  # the orders do differ here
