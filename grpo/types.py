@@ -83,6 +83,7 @@ class PolicySettings:
     max_pixels: int | None = None
     chunk_tokens: int = 1024  # tokens per vocabulary-projection chunk in log-prob passes
     packing: bool = False  # log-prob passes over one padding-free sequence (text models only)
+    prefix_sharing: bool = True  # each group's prompt computed once in log-prob passes
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,7 @@ class RolloutBatch(Protocol):
 
     completion_mask: torch.Tensor  # [N, T] float 0/1: up to and including the first stop
     truncated: torch.Tensor  # [N] bool: no stop token within the sampled tokens
+    prompt_of_row: torch.Tensor  # [N] long: the prompt (group) each row continues
 
     @property
     def num_rows(self) -> int: ...

@@ -38,6 +38,7 @@ from models.loading import (
 )
 from models.logprobs import completion_logprobs, encode_images, reference_logprobs, unwrap
 from models.packing import PackingError, packing_refusal
+from models.prefix import prefix_shared_logprobs, prefix_shared_reference_logprobs
 from models.processor import fit_image, fitted_size, load_processor, pixel_bounds, render_prompt
 
 
@@ -118,6 +119,15 @@ class Policy:
 
     # --- log-probs ------------------------------------------------------------------------
     @property
+    def prefix_shared(self) -> bool:
+        """Log-prob passes run each group's prompt once (models/prefix.py): the default, unless
+        --packing is asked for or --no-prefix-sharing keeps the padded batch for comparison.
+        With gradient checkpointing the padded pass is kept: a checkpointed block recomputed
+        in backward would append its keys to the shared cache a second time."""
+        s = self.settings
+        return s.prefix_sharing and not s.packing and not s.gradient_checkpointing
+
+    @property
     def vision_trainable(self) -> bool:
         return any(p.requires_grad for n, p in self.model.named_parameters() if ".visual." in n)
 
@@ -142,6 +152,16 @@ class Policy:
         image_features: list[torch.Tensor] | None = None,
     ) -> TokenLogProbs:
         """Log-probs [N, T] (and entropy) of the completions under the policy, with grad."""
+        if self.prefix_shared:
+            return prefix_shared_logprobs(
+                self.model,
+                batch,
+                temperature,
+                with_entropy,
+                image_features,
+                self.settings.chunk_tokens,
+                self.suppressed,
+            )
         return completion_logprobs(
             self.model,
             batch,
@@ -160,6 +180,15 @@ class Policy:
         image_features: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Log-probs [N, T] under the frozen reference (adapter disabled), no grad."""
+        if self.prefix_shared:
+            return prefix_shared_reference_logprobs(
+                self.model,
+                batch,
+                temperature,
+                image_features,
+                self.settings.chunk_tokens,
+                self.suppressed,
+            )
         return reference_logprobs(
             self.model,
             batch,
