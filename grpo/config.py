@@ -112,6 +112,7 @@ class TrainConfig:
     packing: bool = False  # padding-free log-prob passes (text models only; models/packing.py)
     prefix_sharing: bool = True  # each group's prompt once in log-prob passes (models/prefix.py)
     logprob_group_batch: int = 1  # groups per log-prob micro-batch and backward (0: all)
+    merge_for_sampling: bool = True  # transformers sampler: LoRA merged into W while sampling
     # checkpoints and logging
     save_steps: int = 50  # 0: only the final checkpoint (the final one is always saved)
     save_total_limit: int | None = 3
@@ -148,6 +149,7 @@ class TrainConfig:
             chunk_tokens=self.logprob_chunk_tokens,
             packing=self.packing,
             prefix_sharing=self.prefix_sharing,
+            merge_for_sampling=self.merge_for_sampling,
         )
 
     @property

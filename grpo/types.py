@@ -84,6 +84,7 @@ class PolicySettings:
     chunk_tokens: int = 1024  # tokens per vocabulary-projection chunk in log-prob passes
     packing: bool = False  # log-prob passes over one padding-free sequence (text models only)
     prefix_sharing: bool = True  # each group's prompt computed once in log-prob passes
+    merge_for_sampling: bool = True  # the transformers sampler runs with LoRA merged into W
 
 
 @dataclass(frozen=True)

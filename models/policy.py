@@ -37,6 +37,7 @@ from models.loading import (
     resolve_model_path,
 )
 from models.logprobs import completion_logprobs, encode_images, reference_logprobs, unwrap
+from models.merge import lora_linears, merged_weight
 from models.packing import PackingError, packing_refusal
 from models.prefix import prefix_shared_logprobs, prefix_shared_reference_logprobs
 from models.processor import fit_image, fitted_size, load_processor, pixel_bounds, render_prompt
@@ -105,10 +106,36 @@ class Policy:
         settings: SamplingSettings,
         image_features: list[torch.Tensor] | None = None,
     ) -> Completions:
-        """n completions per encoded prompt with their log-probs, from the policy's weights."""
-        return sample_completions(
-            self.model, prompts, n, settings, self.stop_ids, self.suppressed, image_features
-        )
+        """n completions per encoded prompt with their log-probs, from the policy's weights
+        (the adapter merged into them for the pass, see `merged_for_sampling`)."""
+        with self.merged_for_sampling():
+            return sample_completions(
+                self.model, prompts, n, settings, self.stop_ids, self.suppressed, image_features
+            )
+
+    @contextmanager
+    def merged_for_sampling(self) -> Iterator[None]:
+        """Inside the block every LoRA linear computes with W' = W + s * B @ A as its base
+        weight and the adapter off: the same function, one matmul per linear instead of
+        three (models/merge.py's merged_weight). W is swapped out, never written, so leaving
+        the block restores it bit for bit (a merge and unmerge in place would leave it off by
+        rounding). Costs one copy of the adapted weights while sampling; settings
+        merge_for_sampling False keeps the adapter as it is."""
+        layers = list(lora_linears(self.model).values())
+        if not self.settings.merge_for_sampling or not layers:
+            yield
+            return
+        merged = [merged_weight(layer) for layer in layers]  # before any W is swapped
+        bases = [layer.get_base_layer() for layer in layers]
+        originals = [base.weight.data for base in bases]
+        try:
+            for base, weight in zip(bases, merged, strict=True):
+                base.weight.data = weight
+            with self.model.disable_adapter():
+                yield
+        finally:
+            for base, weight in zip(bases, originals, strict=True):
+                base.weight.data = weight
 
     def rollout_batch(
         self, prompts: PromptBatch, completions: list[list[int]], group_size: int

@@ -24,7 +24,7 @@ from torch.testing import assert_close
 from grpo.loss import LOSS_TYPES, LossSettings, grpo_loss
 from grpo.sampler_correction import CorrectionSettings
 from grpo.trainer import Trajectory, loss_and_backward, micro_batch_weight, micro_batches
-from grpo.types import PolicySettings
+from grpo.types import PolicySettings, SamplingSettings
 from models.batch import RolloutBatch
 from models.logprobs import unwrap
 from models.policy import Policy
@@ -205,3 +205,27 @@ def test_top_entropy_quantile_keeps_one_pass() -> None:
     policy.logprobs = lambda b, *a, **k: calls.append(b.num_rows) or original(b, *a, **k)
     loss_and_backward(policy, traj, settings, CorrectionSettings(), 0.8, 10.0, 1.0, 1)
     assert calls == [6]  # the batch-wide entropy threshold needs every row at once
+
+
+# --- the adapter merged for sampling ----------------------------------------------------------
+def test_merged_for_sampling_samples_the_policy_and_restores_its_weights() -> None:
+    policy = text_policy("llama", scale=0.3)
+    prompts = policy.encode(ragged_prompts(policy))
+    before = {n: p.detach().clone() for n, p in policy.model.named_parameters()}
+    settings = SamplingSettings(max_new_tokens=6, greedy=True)
+    merged = policy.sample(prompts, 2, settings)
+    policy.settings = dataclasses.replace(policy.settings, merge_for_sampling=False)
+    plain = policy.sample(prompts, 2, settings)
+    assert merged.tokens == plain.tokens
+    for a, b in zip(merged.logprobs, plain.logprobs, strict=True):
+        assert_close(torch.tensor(a), torch.tensor(b), **TOL)
+    for name, p in policy.model.named_parameters():  # bit for bit: swapped, never written
+        assert torch.equal(p, before[name]), name
+    with policy.adapter_disabled():  # the merge changed what is sampled: not the base model
+        base = policy.sample(prompts, 2, settings)
+    assert base.tokens != merged.tokens
+
+
+def ragged_prompts(policy: Policy) -> list:
+    texts = ["7 + 5?", "Compute 13 - 4 and put the result in a box, please."]
+    return [policy.prompt_input([{"role": "user", "content": t}], []) for t in texts]
