@@ -6,9 +6,11 @@ Two fixed workloads, float32, one optimizer pass (mu = 1):
 - any real `--model` (e.g. `--model smollm2 --task arith`): 4 prompts x G=8 x 64 new tokens,
   LoRA r=16 on every linear layer of the language model.
 --prompts, --group, --tokens, --lora-r override either (--lora-r 0: full fine-tuning);
---packing turns on padding-free log-prob passes (text models). Each configuration (sampler x
-beta x lean/naive) runs in a fresh interpreter through grpo.trainer's own `build_trainer` and
-`train_step`: --warmup steps, then --steps timed steps. One JSON line per configuration:
+--packing turns on padding-free log-prob passes; --padded turns off the default prefix-shared
+ones (models/prefix.py); --group-batch sets the groups per log-prob micro-batch (0: all rows).
+Each configuration (sampler x beta x lean/naive) runs in a fresh interpreter through
+grpo.trainer's own `build_trainer` and `train_step`: --warmup steps, then --steps timed steps.
+One JSON line per configuration:
 
     sampler, beta, naive, threads, model       what ran
     step_time_median, step_time_min            seconds per step after warm-up
@@ -87,6 +89,8 @@ def workload(args: argparse.Namespace, output_dir: str) -> Any:
         sampler=args.sampler,
         lora_r=size["lora_r"],
         packing=args.packing,
+        prefix_sharing=not args.padded,
+        logprob_group_batch=args.group_batch,
         dtype="float32",
         save_steps=0,
         log_completions_steps=0,
@@ -125,6 +129,8 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         "model": model,
         "task": args.task,
         "packing": args.packing,
+        "prefix_sharing": not args.padded and not args.naive,
+        "logprob_group_batch": args.group_batch,
         **shape(args),
         "steps": args.steps,
         "step_time_median": round(statistics.median(times), 3),
@@ -150,6 +156,7 @@ def measure(args: argparse.Namespace, sampler: str, beta: float, naive: bool) ->
     command += ["--threads", str(args.threads)] if args.threads else []
     command += ["--model", args.model] if args.model else []
     command += ["--task", args.task] + (["--packing"] if args.packing else [])
+    command += (["--padded"] if args.padded else []) + ["--group-batch", str(args.group_batch)]
     for key in ("prompts", "group", "tokens", "lora_r"):
         if getattr(args, key) is not None:  # --lora-r 0 (full fine-tuning) too
             command += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
@@ -160,8 +167,15 @@ def measure(args: argparse.Namespace, sampler: str, beta: float, naive: bool) ->
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def per_token(record: dict[str, Any]) -> float:
+    """Seconds per completion token of a step (median step time / mean completion tokens):
+    the two samplers draw different completions, so equal work is compared per token."""
+    tokens = record["completion_length_mean"] * record["prompts"] * record["group"]
+    return record["step_time_median"] / max(tokens, 1.0)
+
+
 def ratio(lean: dict[str, Any], naive: dict[str, Any]) -> dict[str, Any]:
-    """How many times faster the lean step is."""
+    """How many times faster the lean step is, per step and per completion token."""
     return {
         "ratio": "naive / lean",
         "sampler": lean["sampler"],
@@ -174,6 +188,7 @@ def ratio(lean: dict[str, Any], naive: dict[str, Any]) -> dict[str, Any]:
             if lean[key] > 0
         },
         "peak_rss_mib": round(naive["peak_rss_mib"] / lean["peak_rss_mib"], 2),
+        "time_per_completion_token": round(per_token(naive) / per_token(lean), 2),
         "completion_length_lean": lean["completion_length_mean"],
         "completion_length_naive": naive["completion_length_mean"],
     }
@@ -195,6 +210,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default=None, help="checkpoint dir (default: the tiny model)")
     parser.add_argument("--task", default="ocr", help="the task (default: ocr)")
     parser.add_argument("--packing", action="store_true", help="padding-free log-prob passes")
+    parser.add_argument(
+        "--padded", action="store_true", help="lean, but padded (not prefix-shared) log-prob passes"
+    )
+    parser.add_argument(
+        "--group-batch", type=int, default=1, help="groups per log-prob micro-batch (0: all)"
+    )
     for key in ("prompts", "group", "tokens", "lora-r"):
         parser.add_argument(f"--{key}", type=int, default=None, help="override the workload")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

@@ -112,6 +112,9 @@ class TrainConfig:
     max_pixels: int | None = None
     logprob_chunk_tokens: int = 1024
     packing: bool = False  # padding-free log-prob passes (text LMs, Qwen2.5-VL; models/packing.py)
+    prefix_sharing: bool = True  # each group's prompt once in log-prob passes (models/prefix.py)
+    logprob_group_batch: int = 1  # groups per log-prob micro-batch and backward (0: all)
+    merge_for_sampling: bool = True  # transformers sampler: LoRA merged into W while sampling
     # scaling past one GPU (README "Scaling"; models/sharding.py)
     fsdp: bool = False  # shard parameters, gradients and optimizer state with FSDP2
     fsdp_cpu_offload: bool = False  # keep the shards (and the AdamW step) on the host (CUDA)
@@ -161,6 +164,8 @@ class TrainConfig:
             max_pixels=self.max_pixels,
             chunk_tokens=self.logprob_chunk_tokens,
             packing=self.packing,
+            prefix_sharing=self.prefix_sharing,
+            merge_for_sampling=self.merge_for_sampling,
         )
 
     @property
@@ -407,7 +412,7 @@ RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     *[(n, lambda v: v >= 0, ">= 0") for n in (
         "warmup_steps", "top_k", "weight_decay", "save_steps", "log_completions_steps",
         "overlong_buffer", "advantage_eps", "entropy_coef", "off_policy_delta",
-        "save_total_limit", "eval_steps",
+        "save_total_limit", "eval_steps", "logprob_group_batch",
     )],
     *[(n, lambda v: v > 0, "> 0") for n in (
         "learning_rate", "temperature", "max_grad_norm", "lora_alpha", "is_upper", "is_lower",

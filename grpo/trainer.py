@@ -68,7 +68,15 @@ from grpo.training_eval import (
     keep_best,
     split_samples,
 )
-from grpo.types import ModelBackend, Policy, PromptInput, Rollout, RolloutBatch, Sampler
+from grpo.types import (
+    ModelBackend,
+    Policy,
+    PromptInput,
+    Rollout,
+    RolloutBatch,
+    Sampler,
+    TokenLogProbs,
+)
 from rewards.compute import sample_columns, score_completions
 
 
@@ -315,9 +323,12 @@ def kl_in_rewards(
     sampled = trajectory.old_logp  # [N, T] (mu > 1)
     if sampled is None:  # mu = 1: the sampling policy is the current one
         with torch.no_grad():
-            sampled = policy.logprobs(
-                trajectory.batch, config.temperature, image_features=trajectory.image_features
-            ).logp
+            features = trajectory.image_features
+            sampled = grouped_logprobs(
+                lambda b: policy.logprobs(b, config.temperature, image_features=features).logp,
+                trajectory,
+                logprob_groups(policy, config),
+            )
     kl = kl_estimate(sampled, trajectory.ref_logp, mask, config.kl_estimator)  # [N, T]
     return kl_penalized_rewards(rewards, kl.cpu(), mask.cpu(), config.beta)
 
@@ -333,18 +344,41 @@ def keep_rows(trajectory: Trajectory, rows: list[int]) -> None:
         trajectory.old_logp = trajectory.old_logp[rows]
 
 
+def logprob_groups(policy: Policy, config: TrainConfig) -> int:
+    """Whole groups per log-prob micro-batch (0: all rows at once). A sharded policy takes one
+    pass per trajectory: every forward is a collective, and ranks holding different numbers
+    of groups would otherwise run different numbers of them."""
+    return 0 if policy.sharded else config.logprob_group_batch
+
+
+def grouped_logprobs(
+    compute: Callable[[RolloutBatch], torch.Tensor], trajectory: Trajectory, groups: int
+) -> torch.Tensor:
+    """compute(batch) [n, T] of the trajectory's rows, in micro-batches of `groups` whole
+    groups (`micro_batches`; each trimmed to its own longest completion), reassembled."""
+    parts = micro_batches(trajectory, groups)
+    if len(parts) == 1:
+        return compute(trajectory.batch)
+    out = torch.zeros_like(trajectory.loss_mask)  # [n, T]
+    for rows in parts:
+        out[rows] = compute(trajectory.batch.select(rows)).to(out)
+    return out
+
+
 @torch.no_grad()
 def add_fixed_logprobs(policy: Policy, trajectory: Trajectory, config: TrainConfig) -> None:
     """Log-probs that do not change during this step's updates: reference and old policy."""
-    features = trajectory.image_features
+    features, groups = trajectory.image_features, logprob_groups(policy, config)
     if config.beta > 0:
-        trajectory.ref_logp = policy.reference_logprobs(
-            trajectory.batch, config.temperature, features
+        trajectory.ref_logp = grouped_logprobs(
+            lambda b: policy.reference_logprobs(b, config.temperature, features), trajectory, groups
         )
     if config.num_iterations > 1:
-        trajectory.old_logp = policy.logprobs(
-            trajectory.batch, config.temperature, image_features=features
-        ).logp
+        trajectory.old_logp = grouped_logprobs(
+            lambda b: policy.logprobs(b, config.temperature, image_features=features).logp,
+            trajectory,
+            groups,
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -352,19 +386,53 @@ def add_fixed_logprobs(policy: Policy, trajectory: Trajectory, config: TrainConf
 # --------------------------------------------------------------------------------------------
 
 
-def loss_and_backward(
-    policy: Policy,
+def micro_batches(trajectory: Trajectory, groups: int) -> list[list[int]]:
+    """The rows of the trajectory in runs of `groups` whole groups (0: one run of all rows).
+
+    A group is the rows continuing one prompt (RolloutBatch.prompt_of_row), whatever rows of it
+    were dropped; a log-prob pass over whole groups computes each prompt once (models/prefix.py).
+    """
+    rows = list(range(trajectory.batch.num_rows))
+    if groups <= 0 or not rows:
+        return [rows]
+    prompt_of_row = trajectory.batch.prompt_of_row.tolist()
+    order = list(dict.fromkeys(prompt_of_row))  # the prompts, in row order
+    runs = [order[k : k + groups] for k in range(0, len(order), groups)]
+    return [[i for i in rows if prompt_of_row[i] in set(run)] for run in runs]
+
+
+def sub_trajectory(trajectory: Trajectory, rows: list[int]) -> Trajectory:
+    """The rows `rows` of a trajectory, for one micro-batch (same width T, same images)."""
+    part = dataclasses.replace(trajectory, metrics={}, records=[])
+    keep_rows(part, rows)
+    return part
+
+
+def micro_batch_weight(
+    settings: LossSettings, rows: int, tokens: float, all_rows: int, all_tokens: float
+) -> float:
+    """w_b such that sum_b w_b * loss(micro-batch b) = loss(whole batch), per loss_type:
+
+    grpo, dr_grpo   n_b / n            (means over rows; dr_grpo's L is the fixed width T
+                                        or max_completion_length, the same in every b)
+    bnpo            M_b / M            (a token mean: M tokens in all, M_b in b)
+    dapo            1                  (already divided by the generation batch's tokens)
+    """
+    if settings.loss_type == "dapo":
+        return 1.0
+    if settings.loss_type == "bnpo":
+        return tokens / max(all_tokens, 1.0)
+    return rows / all_rows
+
+
+def policy_loss(
     trajectory: Trajectory,
+    out: TokenLogProbs,
     settings: LossSettings,
     correction: CorrectionSettings,
-    temperature: float,
     num_items: float,
-    scale: float,
-) -> dict[str, float]:
-    """Step 4 on one trajectory: policy log-probs, the GRPO loss, backward (loss x scale)."""
-    out = policy.logprobs(
-        trajectory.batch, temperature, with_entropy=True, image_features=trajectory.image_features
-    )
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The GRPO loss of a trajectory from its policy log-probs, and its statistics."""
     old_logp = trajectory.old_logp if trajectory.old_logp is not None else out.logp.detach()
     mask = trajectory.loss_mask  # [n, T]
     is_weights, mismatch = correction_weights(
@@ -381,14 +449,57 @@ def loss_and_backward(
         is_weights=is_weights,
         entropy=out.entropy,
     )
-    (loss * scale).backward()
     entropy = float((out.entropy * mask).sum() / mask.sum().clamp(min=1))
-    return {
+    return loss, {
         "loss": float(loss.detach()),
         "entropy": entropy,
         **{k: float(v) for k, v in stats.items()},
         **{f"sampler/{k}": float(v) for k, v in mismatch.items()},
     }
+
+
+def loss_and_backward(
+    policy: Policy,
+    trajectory: Trajectory,
+    settings: LossSettings,
+    correction: CorrectionSettings,
+    temperature: float,
+    num_items: float,
+    scale: float,
+    group_batch: int = 0,
+) -> dict[str, float]:
+    """Step 4 on one trajectory: policy log-probs, the GRPO loss, backward (loss x scale).
+
+    With group_batch > 0 the rows go in micro-batches of that many whole groups, one forward
+    and backward each, so only one micro-batch's activations are alive; each micro-batch loss
+    is weighted (`micro_batch_weight`) so the summed gradient is the whole batch's. The
+    statistics (and the loss reported) are then computed once more, without grad, on the
+    whole batch's log-probs. top_entropy_quantile < 1 takes its threshold over the whole
+    batch, so it keeps one pass over all rows.
+    """
+    groups = group_batch if settings.top_entropy_quantile == 1 else 0
+    parts = micro_batches(trajectory, groups)
+    if len(parts) == 1:
+        out = policy.logprobs(
+            trajectory.batch, temperature, True, image_features=trajectory.image_features
+        )
+        loss, stats = policy_loss(trajectory, out, settings, correction, num_items)
+        (loss * scale).backward()
+        return stats
+    mask = trajectory.loss_mask  # [n, T]
+    logp, entropy = torch.zeros_like(mask), torch.zeros_like(mask)  # [n, T] filled per part
+    for rows in parts:
+        part = sub_trajectory(trajectory, rows)
+        out = policy.logprobs(part.batch, temperature, True, image_features=part.image_features)
+        loss, _ = policy_loss(part, out, settings, correction, num_items)
+        weight = micro_batch_weight(
+            settings, len(rows), float(part.loss_mask.sum()), len(mask), float(mask.sum())
+        )
+        (loss * (scale * weight)).backward()
+        logp[rows], entropy[rows] = out.logp.detach().to(mask), out.entropy.to(mask)
+    with torch.no_grad():
+        whole = TokenLogProbs(logp, entropy)
+        return policy_loss(trajectory, whole, settings, correction, num_items)[1]
 
 
 GRADIENT_BUCKET = 1 << 24  # elements per all-reduce: 64 MiB of float32 gradients
@@ -460,6 +571,7 @@ def update(
     scale = 1.0 if settings.loss_type == "dapo" else 1.0 / len(trajectories)
     # no row with signal: nothing to run here (other ranks may still have some)
     running = [t for t in trajectories if t.batch.num_rows > 0]
+    group_batch = logprob_groups(policy, config)
     per_batch = [
         loss_and_backward(
             policy,
@@ -469,6 +581,7 @@ def update(
             config.temperature,
             num_items,
             0.0 if t.placeholder else scale,
+            group_batch,
         )
         for t in running
     ]

@@ -95,6 +95,8 @@ class PolicySettings:
     max_pixels: int | None = None
     chunk_tokens: int = 1024  # tokens per vocabulary-projection chunk in log-prob passes
     packing: bool = False  # padding-free log-prob passes (text LMs and Qwen2.5-VL)
+    prefix_sharing: bool = True  # each group's prompt computed once in log-prob passes
+    merge_for_sampling: bool = True  # the transformers sampler runs with LoRA merged into W
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,7 @@ class RolloutBatch(Protocol):
 
     completion_mask: torch.Tensor  # [N, T] float 0/1: up to and including the first stop
     truncated: torch.Tensor  # [N] bool: no stop token within the sampled tokens
+    prompt_of_row: torch.Tensor  # [N] long: the prompt (group) each row continues
 
     @property
     def num_rows(self) -> int: ...

@@ -46,8 +46,10 @@ from models.loading import (
     load_base_model,
     resolve_model_path,
 )
-from models.logprobs import completion_logprobs, encode_images, reference_logprobs, unwrap
+from models.logprobs import completion_logprobs, encode_images, unwrap
+from models.merge import lora_linears, merged_weight
 from models.packing import PackingError, packing_refusal
+from models.prefix import prefix_shared_logprobs
 from models.processor import fit_image, fitted_size, load_processor, pixel_bounds, render_prompt
 
 
@@ -139,17 +141,43 @@ class Policy:
         settings: SamplingSettings,
         image_features: list[torch.Tensor] | None = None,
     ) -> Completions:
-        """n completions per encoded prompt with their log-probs, from the policy's weights."""
-        return self.run(
-            sample_completions,
-            prompts,
-            n,
-            settings,
-            self.stop_ids,
-            self.suppressed,
-            image_features,
-            self.sharded,  # every rank decodes until all are done: the blocks' collectives
-        )
+        """n completions per encoded prompt with their log-probs, from the policy's weights
+        (the adapter merged into them for the pass, see `merged_for_sampling`)."""
+        with self.merged_for_sampling():
+            return self.run(
+                sample_completions,
+                prompts,
+                n,
+                settings,
+                self.stop_ids,
+                self.suppressed,
+                image_features,
+                self.sharded,  # every rank decodes until all are done: the blocks' collectives
+            )
+
+    @contextmanager
+    def merged_for_sampling(self) -> Iterator[None]:
+        """Inside the block every LoRA linear computes with W' = W + s * B @ A as its base
+        weight and the adapter off: the same function, one matmul per linear instead of
+        three (models/merge.py's merged_weight). W is swapped out, never written, so leaving
+        the block restores it bit for bit (a merge and unmerge in place would leave it off by
+        rounding). Costs one copy of the adapted weights while sampling; settings
+        merge_for_sampling False keeps the adapter as it is."""
+        layers = list(lora_linears(self.model).values())
+        if not self.settings.merge_for_sampling or not layers:
+            yield
+            return
+        merged = [merged_weight(layer) for layer in layers]  # before any W is swapped
+        bases = [layer.get_base_layer() for layer in layers]
+        originals = [base.weight.data for base in bases]
+        try:
+            for base, weight in zip(bases, merged, strict=True):
+                base.weight.data = weight
+            with self.model.disable_adapter():
+                yield
+        finally:
+            for base, weight in zip(bases, originals, strict=True):
+                base.weight.data = weight
 
     def rollout_batch(
         self, prompts: PromptBatch, completions: list[list[int]], group_size: int
@@ -159,6 +187,15 @@ class Policy:
         )
 
     # --- log-probs ------------------------------------------------------------------------
+    @property
+    def prefix_shared(self) -> bool:
+        """Log-prob passes run each group's prompt once (models/prefix.py): the default, unless
+        --packing is asked for or --no-prefix-sharing keeps the padded batch for comparison.
+        With gradient checkpointing the padded pass is kept: a checkpointed block recomputed
+        in backward would append its keys to the shared cache a second time."""
+        s = self.settings
+        return s.prefix_sharing and not s.packing and not s.gradient_checkpointing
+
     @property
     def vision_trainable(self) -> bool:
         return any(p.requires_grad for n, p in self.model.named_parameters() if ".visual." in n)
@@ -187,14 +224,7 @@ class Policy:
         checkpointing = self.settings.gradient_checkpointing and torch.is_grad_enabled()
         with checkpointing_active(self.model, checkpointing):
             logp, entropy = self.run(
-                logprob_tensors,
-                batch,
-                temperature,
-                with_entropy,
-                image_features,
-                self.settings.chunk_tokens,
-                self.suppressed,
-                self.settings.packing,
+                logprob_tensors, *self.pass_args(batch, temperature, with_entropy, image_features)
             )
         return TokenLogProbs(logp, entropy)
 
@@ -205,28 +235,24 @@ class Policy:
         image_features: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Log-probs [N, T] under the frozen reference, no grad: the adapter disabled (LoRA),
-        or the frozen copy of the base (full fine-tuning; sharded like the policy)."""
-        if self.full:
-            with torch.no_grad(), self.adapter_disabled():  # the frozen copy stands in
-                return self.run(
-                    logprob_tensors,
-                    batch,
-                    temperature,
-                    False,
-                    image_features,
-                    self.settings.chunk_tokens,
-                    self.suppressed,
-                    self.settings.packing,
-                )[0]
-        return self.run(
-            reference_logprobs,
-            batch,
-            temperature,
-            image_features,
-            self.settings.chunk_tokens,
-            self.suppressed,
-            self.settings.packing,
-        )
+        or the frozen copy of the base standing in (full fine-tuning; sharded like the policy)."""
+        with torch.no_grad(), self.adapter_disabled():
+            args = self.pass_args(batch, temperature, False, image_features)
+            return self.run(logprob_tensors, *args)[0]
+
+    def pass_args(
+        self,
+        batch: RolloutBatch,
+        temperature: float,
+        with_entropy: bool,
+        image_features: list[torch.Tensor] | None,
+    ) -> tuple[Any, ...]:
+        """logprob_tensors' arguments after the model: this policy's chunking, suppressed ids
+        and batch layout (prefix-shared, packed or padded)."""
+        s = self.settings
+        layout = "prefix" if self.prefix_shared else "packed" if s.packing else "padded"
+        return (batch, temperature, with_entropy, image_features, s.chunk_tokens,
+                self.suppressed, layout)  # fmt: skip
 
     # --- training state -------------------------------------------------------------------
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -312,11 +338,26 @@ class Policy:
         }
 
 
-def logprob_tensors(model: Any, *args: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """completion_logprobs as a tuple of tensors: the root FSDP unit hooks the backward onto
-    the tensors a forward returns, and it does not look inside a dataclass. Copies, not
-    views: an in-place op on a returned view would bypass that hook ([N, T]: cheap)."""
-    out = completion_logprobs(model, *args)
+def logprob_tensors(
+    model: Any,
+    batch: RolloutBatch,
+    temperature: float,
+    with_entropy: bool,
+    image_features: list[torch.Tensor] | None,
+    chunk_tokens: int,
+    suppressed: torch.Tensor,
+    layout: str,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Completion log-probs [N, T] (and entropy) as a tuple of tensors, in the batch layout
+    asked for: "prefix" (each group's prompt once, models/prefix.py), "packed"
+    (models/packing.py) or "padded". A tuple: the root FSDP unit hooks the backward onto the
+    tensors a forward returns, and it does not look inside a dataclass. Copies, not views: an
+    in-place op on a returned view would bypass that hook ([N, T]: cheap)."""
+    args = (batch, temperature, with_entropy, image_features, chunk_tokens, suppressed)
+    if layout == "prefix":
+        out = prefix_shared_logprobs(model, *args)
+    else:
+        out = completion_logprobs(model, *args, layout == "packed")
     entropy = out.entropy.clone() if out.entropy is not None else None
     return out.logp.clone(), entropy
 
