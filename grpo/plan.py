@@ -257,15 +257,15 @@ def attention_saved(a: Architecture, length: int, e: int, attention: str) -> int
 
     sdpa: q and k, v repeated to h heads (transformers repeats them when there is a padding
     mask), the output (the o_proj input is a view of it) and a float32 log-sum-exp per head,
-    plus the additive mask [L, L] the kernel keeps per layer (float32 on the CPU, per row: 4 L
-    bytes a token). flash_attention_2: k and v at k heads, no mask. eager: q, k, v, output and
+    plus the additive mask [L, L] in the model dtype the kernel keeps per layer (E L bytes a
+    token). flash_attention_2: k and v at k heads, no mask. eager: q, k, v, output and
     the softmax probabilities [h, L, L] (E h L a token)."""
     q, kv = a.heads * a.head_dim, a.kv_heads * a.head_dim
     if attention == "flash_attention_2":
         return e * (2 * q + 2 * kv) + 4 * a.heads
     if attention == "eager":
         return e * 4 * q + e * a.heads * length
-    return e * 4 * q + 4 * a.heads + 4 * length
+    return e * 4 * q + 4 * a.heads + e * length
 
 
 def saved_per_token_layer(

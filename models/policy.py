@@ -14,7 +14,7 @@ from: the vision special tokens suppressed.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from models.generation import Completions, sample_completions, stop_token_ids, v
 from models.loading import (
     LoraSettings,
     add_lora,
+    checkpointing_active,
     is_vision_language,
     load_base_model,
     resolve_model_path,
@@ -141,17 +142,20 @@ class Policy:
         with_entropy: bool = False,
         image_features: list[torch.Tensor] | None = None,
     ) -> TokenLogProbs:
-        """Log-probs [N, T] (and entropy) of the completions under the policy, with grad."""
-        return completion_logprobs(
-            self.model,
-            batch,
-            temperature,
-            with_entropy,
-            image_features,
-            self.settings.chunk_tokens,
-            self.suppressed,
-            self.settings.packing,
-        )
+        """Log-probs [N, T] (and entropy) of the completions under the policy, with grad
+        (the checkpointed layers recompute in backward when gradient checkpointing is on)."""
+        checkpointing = self.settings.gradient_checkpointing and torch.is_grad_enabled()
+        with checkpointing_active(self.model) if checkpointing else nullcontext():
+            return completion_logprobs(
+                self.model,
+                batch,
+                temperature,
+                with_entropy,
+                image_features,
+                self.settings.chunk_tokens,
+                self.suppressed,
+                self.settings.packing,
+            )
 
     def reference_logprobs(
         self,
