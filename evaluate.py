@@ -33,8 +33,10 @@ from models.loading import ModelLoadError
 
 EPILOG = """\
 --ckpt accepts a checkpoint-N directory (adapter + run.json; the base model it names is
-loaded, or --model, which must be the same architecture), a run directory (its latest
-checkpoint), or a merged model directory. Without --ckpt, --model is evaluated as is.
+loaded, or --model, which must be the same architecture), a full fine-tuning checkpoint-N
+(model/ + run.json: its model is loaded; --model, if given, must be the same architecture and
+is the base --compare-base scores), a run directory (its latest checkpoint), or a merged model
+directory. Without --ckpt, --model is evaluated as is.
 
 Export (merge the LoRA adapter into the base weights, save a full model directory that
 transformers and vLLM load like the original):
@@ -115,12 +117,14 @@ def export_checkpoint(
     dtype: str | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Merge a checkpoint's adapter into its base and save the full model to `out`.
+    """Merge a checkpoint's adapter into its base and save the full model to `out`; a full
+    fine-tuning checkpoint's model/ is written out the same way (nothing to merge: a copy in
+    `dtype`, with export_info.json naming the base and the checkpoint).
 
     dtype: of the saved weights; None: the dtype the base model is stored in.
     """
     source = resolve_source(ckpt, model, check_same_base)
-    if source.adapter is None:
+    if source.adapter is None and source.kind != "checkpoint":
         raise CheckpointError(f"--ckpt {ckpt}: has no adapter to merge (already a full model)")
     check_output_dir(Path(out), overwrite)  # before minutes of loading, not after
     dtype = dtype or stored_dtype(source.model)
@@ -128,7 +132,7 @@ def export_checkpoint(
     policy = load_policy(source.model, source.adapter, settings, torch.device("cpu"))
     info = {
         "base_model": source.run.get("base_model", source.model),
-        "base_model_path": source.model,
+        "base_model_path": source.base or source.model,  # a full checkpoint's model/ is not
         "checkpoint": str(source.path),
         "task": source.task,
         "step": source.run.get("step"),

@@ -5,10 +5,10 @@ Two fixed workloads, float32, one optimizer pass (mu = 1):
   data, 2 prompts x G=4 completions of 32 new tokens, LoRA r=8 on the language model;
 - any real `--model` (e.g. `--model smollm2 --task arith`): 4 prompts x G=8 x 64 new tokens,
   LoRA r=16 on every linear layer of the language model.
---prompts, --group, --tokens, --lora-r override either; --packing turns on padding-free
-log-prob passes (text models). Each configuration (sampler x beta x lean/naive) runs in
-a fresh interpreter through grpo.trainer's own `build_trainer` and `train_step`: --warmup steps,
-then --steps timed steps. One JSON line per configuration:
+--prompts, --group, --tokens, --lora-r override either (--lora-r 0: full fine-tuning);
+--packing turns on padding-free log-prob passes (text models). Each configuration (sampler x
+beta x lean/naive) runs in a fresh interpreter through grpo.trainer's own `build_trainer` and
+`train_step`: --warmup steps, then --steps timed steps. One JSON line per configuration:
 
     sampler, beta, naive, threads, model       what ran
     step_time_median, step_time_min            seconds per step after warm-up
@@ -64,7 +64,8 @@ REAL_SHAPE = {"prompts": 4, "group": 8, "tokens": 64, "lora_r": 16}
 def shape(args: argparse.Namespace) -> dict[str, int]:
     """prompts, group, tokens, lora_r: the model's workload with the flags that override it."""
     base = TINY_SHAPE if (args.model or "tiny") == "tiny" else REAL_SHAPE
-    return {key: getattr(args, key) or value for key, value in base.items()}
+    chosen = {key: getattr(args, key) for key in base}
+    return {key: value if chosen[key] is None else chosen[key] for key, value in base.items()}
 
 
 def workload(args: argparse.Namespace, output_dir: str) -> Any:
@@ -150,7 +151,7 @@ def measure(args: argparse.Namespace, sampler: str, beta: float, naive: bool) ->
     command += ["--model", args.model] if args.model else []
     command += ["--task", args.task] + (["--packing"] if args.packing else [])
     for key in ("prompts", "group", "tokens", "lora_r"):
-        if getattr(args, key):
+        if getattr(args, key) is not None:  # --lora-r 0 (full fine-tuning) too
             command += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     env = {**os.environ, "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)

@@ -3,6 +3,8 @@
 Layout of `run_dir/checkpoint-<step>/`:
 
     adapter/             the LoRA adapter in peft's format (adapter_config.json + safetensors)
+    model/               instead, for full fine-tuning: the trained model as a directory
+                         transformers and vLLM load (safetensors, config, processor/tokenizer)
     trainer_state.pt     optimizer, LR scheduler, step, data position
     rng-rank<r>.pt       every rank's RNG states (python, torch, CUDA)
     run.json             base model, task and the resolved config (what evaluate.py reads)
@@ -15,6 +17,8 @@ other object is refused (unpickling it could run code). Python's RNG state is st
 `resolve_source` turns what evaluate.py is given (--ckpt, --model) into what to load:
 - a checkpoint-N directory (adapter/ + run.json): the base model named in run.json (or
   --model, checked to be the same architecture) with the adapter on it;
+- a full fine-tuning checkpoint-N (model/ + run.json): its model/ directory; --model, if
+  given, is checked to be the same architecture and is the base --compare-base scores;
 - a run directory: its latest checkpoint-N;
 - a merged model directory (config.json, e.g. from `evaluate.py export`): that model;
 - no --ckpt: the plain model --model.
@@ -43,7 +47,7 @@ import torch
 
 from data.cache import file_sha256
 from grpo import distributed
-from grpo.types import ADAPTER_CONFIG, EXPORT_INFO, Policy
+from grpo.types import ADAPTER_CONFIG, ADAPTER_DIR, EXPORT_INFO, MODEL_DIR, Policy
 
 BaseCheck = Callable[[str, str], None]  # (expected base, given model) -> raises if they differ
 
@@ -142,6 +146,11 @@ def safe_load(path: Path) -> Any:
         ) from None
 
 
+def trained_dir_name(policy: Policy) -> str:
+    """Where a checkpoint keeps the trained weights: model/ (full fine-tuning) or adapter/."""
+    return MODEL_DIR if policy.full else ADAPTER_DIR
+
+
 def save_checkpoint(
     run_dir: Path,
     step: int,
@@ -156,7 +165,7 @@ def save_checkpoint(
     if distributed.is_main_process():
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        policy.save_trainable(tmp / "adapter")
+        policy.save_trainable(tmp / trained_dir_name(policy))
         torch.save(trainer_state, tmp / "trainer_state.pt")
         (tmp / "run.json").write_text(json.dumps(run_info, indent=1, ensure_ascii=False))
     distributed.barrier()
@@ -190,8 +199,16 @@ def load_checkpoint(path: Path, policy: Policy) -> dict[str, Any]:
             f"{path}: no RNG state for rank {distributed.get_rank()} "
             "(resumed with a different number of processes?)"
         )
+    trained = path / trained_dir_name(policy)
+    if not trained.is_dir():
+        held, wanted = (ADAPTER_DIR, MODEL_DIR) if policy.full else (MODEL_DIR, ADAPTER_DIR)
+        mode = "full fine-tuning (--full)" if policy.full else "LoRA"
+        raise RuntimeError(
+            f"{path}: holds {held}/, not the {wanted}/ a {mode} run resumes from: resume "
+            "with the settings it was trained with"
+        )
     state, rng = safe_load(path / "trainer_state.pt"), safe_load(rng_file)
-    policy.load_trainable(path / "adapter")
+    policy.load_trainable(trained)
     set_rng_state(rng)
     return state
 
@@ -213,8 +230,9 @@ def read_run_info(path: Path) -> dict[str, Any]:
 class ModelSource:
     """What --ckpt / --model resolve to.
 
-    model:   what to load (a base model under an adapter, or the model itself);
-    adapter: the peft adapter directory, for a training checkpoint;
+    model:   what to load (a base model under an adapter, or the model itself: a merged
+             export, a full fine-tuning checkpoint's model/, a plain model);
+    adapter: the peft adapter directory, for a LoRA training checkpoint;
     base:    the model to compare against (None: unknown);
     run:     run.json of the checkpoint or export_info.json of a merged model ({} if none).
     """
@@ -282,6 +300,13 @@ def resolve_source(
         run = read_run_info(path)
         base = _checkpoint_base(run, path, model, same_base)
         return ModelSource("checkpoint", base, path / "adapter", base, path, run)
+    if (path / "run.json").is_file() and (path / MODEL_DIR / "config.json").is_file():
+        run = read_run_info(path)
+        base = trained_base(run)
+        if model is not None and base is not None and same_base is not None:
+            same_base(base, model)
+        model_dir = str(path / MODEL_DIR)
+        return ModelSource("checkpoint", model_dir, None, model or base, path, run)
     if (path / ADAPTER_CONFIG).is_file():  # an adapter folder: inside a checkpoint, or bare
         if (path.parent / "run.json").is_file():
             return replace(resolve_source(str(path.parent), model, same_base), adapter=path)
@@ -297,6 +322,6 @@ def resolve_source(
         base = model or trained_base(run)
         return ModelSource("merged", str(path), None, base, path, run)
     raise CheckpointError(
-        f"--ckpt {ckpt}: not a checkpoint (adapter/ + run.json), a run directory "
+        f"--ckpt {ckpt}: not a checkpoint (adapter/ or model/ + run.json), a run directory "
         "(checkpoint-N), or a model directory (config.json)"
     )

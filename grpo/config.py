@@ -100,6 +100,7 @@ class TrainConfig:
     vllm_sync: str = "merged"  # merged | adapter
     vllm_sleep: bool = False
     # model
+    full: bool = False  # full fine-tuning: train every language-model weight (so does lora_r 0)
     lora_r: int = 8
     lora_alpha: int = 32
     lora_vision: bool = False
@@ -132,13 +133,23 @@ class TrainConfig:
         return Path(self.output_dir.format(task=self.task))
 
     # --- the records the loop hands on ------------------------------------------------------
+    @property
+    def full_finetuning(self) -> bool:
+        """Training the whole language model: --full, or --lora-r 0 (no adapter to train)."""
+        return self.full or self.lora_r == 0
+
     def policy_settings(self) -> PolicySettings:
+        """In training lora_r 0 means full fine-tuning, never a frozen model; the frozen copy of
+        the base that serves as reference is built only when the loss has a KL term. Full
+        fine-tuning keeps its weights (and so AdamW's moments) in float32 on every device."""
         return PolicySettings(
             model=self.model,
-            lora_r=self.lora_r,
+            lora_r=0 if self.full_finetuning else self.lora_r,
+            full=self.full_finetuning,
+            reference=self.beta > 0,
             lora_alpha=self.lora_alpha,
             lora_vision=self.lora_vision,
-            dtype=self.dtype,
+            dtype=self.dtype or ("float32" if self.full_finetuning else None),
             attn_implementation=self.attn_implementation,
             gradient_checkpointing=self.gradient_checkpointing,
             min_pixels=self.min_pixels,
@@ -338,9 +349,25 @@ def load_config(argv: list[str] | None = None) -> TrainConfig:
     flags = {k: v for k, v in args.items() if v is not None}
     from_file = _read_yaml(Path(config_file)) if config_file else {}
     task = flags.get("task", from_file.get("task", TrainConfig.task))
-    config = TrainConfig(**{**task_preset(task), **from_file, **flags})
+    explicit = {**from_file, **flags}
+    check_full_and_lora(explicit)
+    preset = task_preset(task)
+    if explicit.get("full"):  # a preset's adapter rank does not apply to full fine-tuning
+        preset.pop("lora_r", None)
+        explicit.setdefault("lora_r", 0)
+    config = TrainConfig(**{**preset, **explicit})
     validate(config)
     return config
+
+
+def check_full_and_lora(explicit: dict[str, Any]) -> None:
+    """--full with an adapter rank given on the command line or in --config is a contradiction
+    (a task preset's lora_r is not: --full overrides it)."""
+    if explicit.get("full") and explicit.get("lora_r", 0) > 0:
+        raise ConfigError(
+            f"--full and --lora-r {explicit['lora_r']} both given: full fine-tuning trains no "
+            "adapter; drop --lora-r (or --full to train LoRA)"
+        )
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -356,10 +383,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
 RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     *[(n, lambda v: v >= 1, ">= 1") for n in (
         "max_steps", "prompts_per_step", "gradient_accumulation_steps", "num_iterations",
-        "max_completion_length", "max_prompt_length", "dynamic_sampling_max_draws", "lora_r",
+        "max_completion_length", "max_prompt_length", "dynamic_sampling_max_draws",
         "logprob_chunk_tokens", "vllm_max_model_len", "min_pixels", "max_pixels",
     )],
     ("num_generations", lambda v: v >= 2, ">= 2 (advantages compare completions of a group)"),
+    *[(n, lambda v: v >= 0, ">= 0 (0: full fine-tuning)") for n in ("lora_r",)],
     *[(n, lambda v: v >= 0, ">= 0") for n in (
         "warmup_steps", "top_k", "weight_decay", "save_steps", "log_completions_steps",
         "overlong_buffer", "advantage_eps", "entropy_coef", "off_policy_delta",
@@ -396,6 +424,7 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"dtype={config.dtype!r}: expected a torch float type, e.g. bfloat16")
     _validate_corrections(config)
     _validate_evaluation(config)
+    _validate_full(config)
     try:  # the loss variants' own rules (grpo/loss.py), so they live in one place
         config.loss_settings()
     except ValueError as e:  # LossSettings says eps_*, the config calls them epsilon_*
@@ -425,6 +454,23 @@ def _validate_evaluation(config: TrainConfig) -> None:
             )
     if unknown := sorted(set(config.report_to) - {"wandb", "tensorboard", "none"}):
         raise ConfigError(f"report_to={unknown}: expected wandb, tensorboard or none")
+
+
+def _validate_full(config: TrainConfig) -> None:
+    """Full fine-tuning has no adapter (no rank beside --full, nothing for vLLM's LoRA) and
+    needs weights that can hold small updates (float32)."""
+    check_full_and_lora({"full": config.full, "lora_r": config.lora_r})
+    if config.full_finetuning and config.dtype in ("bfloat16", "float16"):
+        raise ConfigError(
+            f"dtype={config.dtype!r} with full fine-tuning (--full or --lora-r 0): the update "
+            "is applied to the weights themselves, and an update below 1/256 of a weight "
+            "vanishes in 16-bit; leave --dtype out (float32) or train LoRA"
+        )
+    if config.full_finetuning and config.vllm_sync == "adapter":
+        raise ConfigError(
+            "vllm_sync='adapter' needs a LoRA adapter; full fine-tuning (--full or --lora-r 0) "
+            "syncs the weights themselves: use vllm_sync merged"
+        )
 
 
 def _validate_corrections(config: TrainConfig) -> None:

@@ -377,23 +377,47 @@ def loss_and_backward(
     }
 
 
+GRADIENT_BUCKET = 1 << 24  # elements per all-reduce: 64 MiB of float32 gradients
+
+
+def gradient_buckets(
+    parameters: list[torch.nn.Parameter], limit: int
+) -> list[list[torch.nn.Parameter]]:
+    """Consecutive runs of `parameters` holding at most `limit` elements each (a larger tensor
+    is a bucket of its own)."""
+    buckets: list[list[torch.nn.Parameter]] = []
+    size = 0
+    for p in parameters:
+        if not buckets or size + p.numel() > limit:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(p)
+        size += p.numel()
+    return buckets
+
+
 def average_gradients(parameters: list[torch.nn.Parameter]) -> None:
-    """Mean of the gradients over ranks, in one flat all-reduce.
+    """Mean of the gradients over ranks, one flat all-reduce per bucket of parameters.
 
     We call the backbone and the LM head separately (to project only completion positions),
-    which DDP's wrapper cannot see; with LoRA the trainable tensors are small, so one explicit
-    all-reduce per update is simple and cheap.
+    which DDP's wrapper cannot see, so the reduction is explicit. With LoRA the trainable
+    tensors are small and fit one bucket; with full fine-tuning the buckets bound the extra
+    memory to a few times GRADIENT_BUCKET instead of copies of every gradient (sharding the
+    gradients themselves is what FSDP is for). Each gradient becomes a view of its bucket's
+    averaged buffer. The sum is elementwise, so bucketing changes no value.
     """
     world = distributed.get_world_size()
     if world == 1:
         return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
-    flat = distributed.all_reduce_sum(torch.cat([g.flatten() for g in grads])) / world
-    offset = 0
-    for p in parameters:
-        n = p.numel()
-        p.grad = flat[offset : offset + n].view_as(p).clone()
-        offset += n
+    for bucket in gradient_buckets(parameters, GRADIENT_BUCKET):
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket]
+        flat = distributed.all_reduce_sum(torch.cat([g.flatten() for g in grads]))  # [sum n]
+        flat /= world
+        offset = 0
+        for p in bucket:
+            n = p.numel()
+            p.grad = flat[offset : offset + n].view_as(p)
+            offset += n
 
 
 def update(
@@ -574,8 +598,11 @@ def settle_overwrite(run_dir: Path, succeeded: bool) -> None:
 
 
 def load_policy(backend: ModelBackend, config: TrainConfig, device: torch.device) -> Policy:
-    """The policy, its trainable weights equal on every rank (LoRA's A matrices are random)."""
+    """The policy, its trainable weights equal on every rank (LoRA's A matrices are random;
+    a fully fine-tuned model is read from the same files everywhere, so it already is)."""
     policy = backend.load_policy(config.policy_settings(), device)
+    if policy.full:
+        return policy
     for parameter in policy.trainable_parameters():
         parameter.data.copy_(distributed.broadcast_tensor(parameter.data))
     return policy

@@ -23,6 +23,8 @@ from PIL import Image
 
 ADAPTER_CONFIG = "adapter_config.json"  # a saved adapter directory holds this (peft's format)
 EXPORT_INFO = "export_info.json"  # a merged export records where its weights came from here
+ADAPTER_DIR = "adapter"  # a LoRA checkpoint's trained weights: the peft adapter
+MODEL_DIR = "model"  # a full fine-tuning checkpoint's: a model directory transformers loads
 
 # --------------------------------------------------------------------------------------------
 # Records
@@ -70,12 +72,22 @@ class TokenLogProbs:
 
 @dataclass(frozen=True)
 class PolicySettings:
-    """How to load the policy. lora_r 0: no adapter (a frozen model, for evaluation)."""
+    """How to load the policy, in one of three modes:
+
+    - LoRA (lora_r > 0, full False): an adapter is trained, the base weights are frozen, and the
+      reference is the same model with its adapter disabled;
+    - full fine-tuning (full True, lora_r ignored): every language-model weight is trained
+      (embeddings and LM head included; the vision tower too with lora_vision), and the
+      reference is a frozen copy of the base model, held only when `reference` is True;
+    - frozen (lora_r 0, full False): nothing is trained, a plain model for evaluation.
+    """
 
     model: str = "tiny"  # a local directory, a hub id, or a short name ("tiny")
     lora_r: int = 8
+    full: bool = False  # train the whole language model (no adapter)
+    reference: bool = True  # full: keep a frozen copy of the base (False when beta is 0)
     lora_alpha: int = 32
-    lora_vision: bool = False  # also adapt the vision tower (then its features are not cached)
+    lora_vision: bool = False  # also train the vision tower (then its features are not cached)
     dtype: str | None = None  # "bfloat16" | "float32" | None (bf16 on CUDA, fp32 on CPU)
     attn_implementation: str | None = None  # None/"auto" | "sdpa" | "flash_attention_2"
     gradient_checkpointing: bool = False
@@ -122,6 +134,7 @@ class Policy(Protocol):
 
     device: torch.device
     stop_ids: set[int]  # a completion ends at the first of these
+    full: bool  # every language-model weight is trained (no adapter): checkpoints hold MODEL_DIR
 
     def prompt_input(self, messages: list[dict], images: list[Image.Image]) -> PromptInput:
         """Render chat messages and size their images for the model."""
@@ -173,7 +186,8 @@ class Policy(Protocol):
         ...
 
     def save_trainable(self, directory: Path) -> None:
-        """Write what training changes (the adapter) to `directory`."""
+        """Write what training changes to `directory`: the adapter (LoRA), or the whole model
+        as a directory transformers and vLLM load (full fine-tuning)."""
         ...
 
     def load_trainable(self, directory: Path) -> None:

@@ -4,8 +4,6 @@ config; dtype policy, attention kernel choice, LoRA, checkpointing."""
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,22 +126,3 @@ def add_lora(
         # frozen embeddings: checkpointed blocks need an input that requires grad
         model.enable_input_require_grads()
     return get_peft_model(model, config)
-
-
-@contextmanager
-def checkpointing_active(model: Any) -> Iterator[None]:
-    """Inside the block, the layers that gradient checkpointing was enabled on recompute.
-
-    transformers checkpoints a layer only while `layer.training` is set, and the policy stays in
-    eval mode for good (no dropout): without this, --gradient-checkpointing saved nothing.
-    Only the checkpointed layers' own flag flips; their submodules (attention dropout) stay in
-    eval mode, and sampling (which needs the KV cache a checkpointed layer drops) runs outside.
-    """
-    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
-    for layer in layers:
-        layer.training = True
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.training = False

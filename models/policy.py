@@ -1,7 +1,9 @@
 """The policy as the trainer sees it: a LoRA-wrapped Qwen2.5-VL plus its processor, or
 (TextPolicy) a LoRA-wrapped text-only causal LM plus its tokenizer. `make_policy` picks the
 class from the checkpoint's config; the two differ only in how prompts are rendered and
-encoded and in the (empty, for text) set of suppressed vision tokens.
+encoded and in the (empty, for text) set of suppressed vision tokens. With settings.full the
+model is not wrapped: its language-model weights train themselves, and the reference is a
+frozen copy of the base (models/full.py).
 
 It implements grpo.types.Policy, so grpo/ never names Qwen. Every operation is the lean one:
 sampling prefills each prompt once (models.generation.sample_completions), log-probs are
@@ -14,7 +16,7 @@ from: the vision special tokens suppressed.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +30,18 @@ from models.batch import (
     encode_prompts,
     encode_text_prompts,
 )
+from models.full import (
+    checkpointing_active,
+    frozen_copy,
+    load_full_weights,
+    make_fully_trainable,
+    save_full,
+)
 from models.generation import Completions, sample_completions, stop_token_ids, vision_token_ids
 from models.loading import (
     LoraSettings,
+    ModelLoadError,
     add_lora,
-    checkpointing_active,
     is_vision_language,
     load_base_model,
     resolve_model_path,
@@ -43,9 +52,10 @@ from models.processor import fit_image, fitted_size, load_processor, pixel_bound
 
 
 def lora_settings(settings: PolicySettings) -> LoraSettings | None:
-    """The adapter to add (None: lora_r 0, a frozen model for evaluation). No dropout: the
-    policy that is trained must be the one that was sampled (and that vLLM holds)."""
-    if settings.lora_r <= 0:
+    """The adapter to add (None: full fine-tuning, or lora_r 0, a frozen model for evaluation).
+    No dropout: the policy that is trained must be the one that was sampled (and that vLLM
+    holds)."""
+    if settings.full or settings.lora_r <= 0:
         return None
     return LoraSettings(settings.lora_r, settings.lora_alpha, 0.0, settings.lora_vision)
 
@@ -63,8 +73,13 @@ class Policy:
         model = load_base_model(self.path, device, dtype, settings.attn_implementation)
         lora = lora_settings(settings)
         model.requires_grad_(False)
+        self.full = settings.full
+        # full fine-tuning's reference: the base, copied before anything trains (beta > 0 only)
+        self.reference = frozen_copy(model) if settings.full and settings.reference else None
         if lora:
             model = add_lora(model, lora, settings.gradient_checkpointing, self.has_vision)
+        if settings.full:
+            self.make_full(model, settings)
         self.model = model
         self.model.eval()  # dropout off for good (see lora_settings)
         if settings.packing and (reason := packing_refusal(unwrap(model))):
@@ -75,6 +90,16 @@ class Policy:
         self.vision_ids = vision_token_ids(self.tokenizer) if self.has_vision else set()
         # never sampled, so never scored: their logits are -inf in every log-prob pass
         self.suppressed = torch.tensor(sorted(self.vision_ids), dtype=torch.long, device=device)
+
+    def make_full(self, model: Any, settings: PolicySettings) -> None:
+        """Every language-model weight trainable (the vision tower's too with lora_vision)."""
+        if settings.lora_vision and not self.has_vision:
+            raise ModelLoadError("lora_vision was asked for, but the model has no vision tower")
+        self.trained_names = set(make_fully_trainable(model, settings.lora_vision))
+        if settings.gradient_checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
 
     def load_inputs(self, settings: PolicySettings) -> Any:
         """Load what turns prompts into tensors (the processor); return its tokenizer."""
@@ -142,10 +167,9 @@ class Policy:
         with_entropy: bool = False,
         image_features: list[torch.Tensor] | None = None,
     ) -> TokenLogProbs:
-        """Log-probs [N, T] (and entropy) of the completions under the policy, with grad
-        (the checkpointed layers recompute in backward when gradient checkpointing is on)."""
+        """Log-probs [N, T] (and entropy) of the completions under the policy, with grad."""
         checkpointing = self.settings.gradient_checkpointing and torch.is_grad_enabled()
-        with checkpointing_active(self.model) if checkpointing else nullcontext():
+        with checkpointing_active(self.model, checkpointing):
             return completion_logprobs(
                 self.model,
                 batch,
@@ -163,7 +187,20 @@ class Policy:
         temperature: float,
         image_features: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Log-probs [N, T] under the frozen reference (adapter disabled), no grad."""
+        """Log-probs [N, T] under the frozen reference, no grad: the adapter disabled (LoRA),
+        or the frozen copy of the base (full fine-tuning)."""
+        if self.full:
+            with torch.no_grad():
+                return completion_logprobs(
+                    self.frozen_reference(),
+                    batch,
+                    temperature,
+                    False,
+                    image_features,
+                    self.settings.chunk_tokens,
+                    self.suppressed,
+                    self.settings.packing,
+                ).logp
         return reference_logprobs(
             self.model,
             batch,
@@ -178,22 +215,49 @@ class Policy:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
+    def frozen_reference(self) -> Any:
+        """Full fine-tuning's frozen copy of the base; an error when none was kept."""
+        if self.reference is None:
+            raise RuntimeError(
+                "this full fine-tuning policy keeps no reference copy (built only when the "
+                "KL term needs one, beta > 0)"
+            )
+        return self.reference
+
     @contextmanager
     def adapter_disabled(self) -> Iterator[None]:
-        """Inside the block the policy computes (and its merged weights are) the base model's."""
-        with self.model.disable_adapter():
+        """Inside the block the policy computes (and its merged weights are) the base model's:
+        the adapter is switched off (LoRA) or the frozen copy stands in (full fine-tuning)."""
+        if not self.full:
+            with self.model.disable_adapter():
+                yield
+            return
+        trained, self.model = self.model, self.frozen_reference()
+        try:
             yield
+        finally:
+            self.model = trained
 
     def save_trainable(self, directory: Path) -> None:
-        self.model.save_pretrained(directory)
+        if self.full:
+            save_full(self, directory)
+        else:
+            self.model.save_pretrained(directory)
 
     def load_trainable(self, directory: Path) -> None:
         from models.export import load_adapter_weights
 
-        load_adapter_weights(self.model, directory)
+        if self.full:
+            load_full_weights(self.model, directory)
+        else:
+            load_adapter_weights(self.model, directory)
 
     def describe(self) -> dict[str, Any]:
-        return {"base_model": self.settings.model, "base_model_path": self.path}
+        return {
+            "base_model": self.settings.model,
+            "base_model_path": self.path,
+            "full": self.full,
+        }
 
 
 def plain_message(message: dict) -> dict:

@@ -42,6 +42,7 @@ import torch
 
 import models.cpu_compat as cpu_compat  # first: before anything imports vllm
 from grpo.types import PromptInput, Rollout, SamplingSettings
+from models.full import changed_weights
 from models.merge import lora_linears, merged_lora_weights, merged_state_dict
 from models.weight_sync import (
     add_adapter,
@@ -319,6 +320,8 @@ class VLLMSampler:
         self._wake(("weights",))
         if self.settings.sync == "adapter":
             self._swap_adapter(policy)
+        elif getattr(policy, "full", False):  # every trained tensor (the LM, by default)
+            push_weights(self.llm, changed_weights(policy.model, policy.trained_names))
         elif lora_linears(policy.model):
             push_weights(self.llm, merged_lora_weights(policy))
         else:  # no adapter: the whole model is trained, so all of it moves

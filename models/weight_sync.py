@@ -7,6 +7,9 @@ Two ways to make the engine sample from the policy after an optimizer step:
   names. The engine then runs a plain model at full speed; only the touched matrices move.
 - adapter: save the peft adapter and hand it to vLLM's own LoRA support under a new id.
   The engine keeps the original base weights and applies B @ A at run time.
+- full fine-tuning: there is nothing to merge; every trained tensor (the whole language model,
+  embeddings and LM head included; a frozen vision tower stays as loaded) goes through the
+  same `reload_weights` call as the merged mode (models/full.changed_weights).
 
 Either way, state derived from the old weights must go: the encoder cache (image features) and
 the prefix cache (KV of shared prompt prefixes). The calls below are the ones that work with

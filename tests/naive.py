@@ -187,6 +187,12 @@ class NaivePolicy(Policy):
     def reference_logprobs(
         self, batch: RolloutBatch, temperature: float, image_features: Any = None
     ) -> torch.Tensor:
+        if self.full:  # the frozen copy of the base: no adapter to disable
+            with torch.no_grad():
+                reference = self.frozen_reference()
+                return naive_completion_logprobs(
+                    reference, batch, temperature, False, self.suppressed
+                ).logp
         return naive_reference_logprobs(self.model, batch, temperature, self.suppressed)
 
 

@@ -192,9 +192,9 @@ def test_missing_field_is_named(tmp_path: Path) -> None:
 
 
 def test_cli_prints_every_part_and_the_verdict() -> None:
+    argv = ["--model", "qwen2.5-vl-7b-instruct", "--gpus", "8", "--gradient-checkpointing"]
     done = subprocess.run(
-        [sys.executable, "-m", "grpo.plan", "--model", "qwen2.5-vl-7b-instruct", "--gpus", "8"]
-        + ["--gradient-checkpointing"],
+        [sys.executable, "-m", "grpo.plan", *argv],
         capture_output=True,
         text=True,
         cwd=ROOT,

@@ -63,4 +63,3 @@ def test_the_built_config_is_the_published_one_with_fewer_layers(name: str) -> N
     assert vision.hidden_size == 1280 and vision.num_heads == 16 and vision.window_size == 112
     assert vision.out_hidden_size == text.hidden_size
     assert vision.fullatt_block_indexes == [1]  # one windowed block, then a full-attention one
-
