@@ -29,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from bench.record import append_result  # noqa: E402
 
-# name: (model, task, prompts, G, max new tokens, TrainConfig overrides)
+# name: model, task, prompts, G (group), max new tokens, and TrainConfig overrides
 WORKLOADS: dict[str, dict[str, Any]] = {
     "tiny-lora": {"model": "tiny", "task": "ocr", "prompts": 2, "group": 4, "tokens": 32},
     "tiny-lora-gc": {
@@ -47,6 +47,24 @@ WORKLOADS: dict[str, dict[str, Any]] = {
         "prompts": 4,
         "group": 8,
         "tokens": 64,
+    },
+    "tiny-full": {
+        "model": "tiny",
+        "task": "ocr",
+        "prompts": 2,
+        "group": 4,
+        "tokens": 32,
+        "full": True,
+        "learning_rate": 1e-6,
+    },
+    "smollm2-full": {
+        "model": "smollm2",
+        "task": "arith",
+        "prompts": 2,
+        "group": 4,
+        "tokens": 64,
+        "full": True,
+        "learning_rate": 1e-6,
     },
     "shaped3b-lora": {"model": "shaped3b", "task": "ocr", "prompts": 1, "group": 2, "tokens": 16},
 }

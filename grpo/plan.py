@@ -17,7 +17,8 @@ Per GPU (peak = persistent + the larger of the sampling and the training phase):
                  gathered blocks (the one computing, the one prefetched)
 - LoRA           sum over targeted Linear(i, o) of r (i + o), float32 (peft keeps adapters in
                  float32 beside a bf16 base) / S
-- gradients      one per trainable parameter, its dtype, / S
+- gradients      one per trained parameter, its dtype, / S (full fine-tuning trains the
+                 language model; the vision tower only with --lora-vision, as models/full.py)
 - optimizer      torch AdamW: exp_avg and exp_avg_sq in the parameter's dtype (our trainer keeps
                  no float32 master copy), / S
 - activations    `saved_per_token_layer` * N L Y (+ the last hidden states), or with gradient
@@ -235,6 +236,15 @@ def parameter_count(a: Architecture) -> int:
     embeddings = a.vocab * a.hidden * (1 if a.tied else 2)
     vision = vision_parameters(a.vision) if a.vision else 0
     return embeddings + a.layers * layer_parameters(a) + a.hidden + vision
+
+
+def trained_count(a: Architecture, full: bool, lora_r: int, vision: bool = False) -> int:
+    """Trained parameters: full fine-tuning trains the language model (embeddings, blocks, final
+    norm, head; models/full.py) and the vision tower only with `vision`; LoRA its adapters."""
+    if not full:
+        return lora_count(a, lora_r, vision)
+    tower = vision_parameters(a.vision) if a.vision and not vision else 0
+    return parameter_count(a) - tower
 
 
 def lora_count(a: Architecture, r: int, vision: bool = False) -> int:
@@ -473,14 +483,14 @@ def phase_parts(a: Architecture, w: Workload, trainable: int) -> tuple[dict, dic
         "log-prob chunks": logprob_bytes(
             a, rows * w.max_completion_length, w.logprob_chunk_tokens, e
         ),
-        "gradients": trainable * (e if w.full else 4) // w.shards,
+        "gradients": 0 if w.fsdp_cpu_offload else trainable * (e if w.full else 4) // w.shards,
     }
     return sampling, training
 
 
 def make_plan(a: Architecture, w: Workload) -> Plan:
     check(w)
-    trainable = parameter_count(a) if w.full else lora_count(a, w.lora_r, w.lora_vision)
+    trainable = trained_count(a, w.full, w.lora_r, w.lora_vision)
     sampling, training = phase_parts(a, w, trainable)
     plan = Plan(w, parameter_count(a), trainable, persistent_parts(a, w, trainable))
     plan.sampling, plan.training = sampling, training
@@ -528,6 +538,8 @@ def render(plan: Plan, model: str) -> str:
     ):
         lines.append(f"  {title}:")
         lines += [f"    {name:32s}{gib(size)}" for name, size in parts.items()]
+        if not parts:
+            lines.append("    (nothing beyond the persistent parts)")
     lines += [f"  note: {note}" for note in plan.notes]
     lines.append(f"  peak {gib(plan.peak).strip()}" + fit_line(plan))
     return "\n".join(lines)

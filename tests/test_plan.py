@@ -25,6 +25,8 @@ from grpo.plan import (
     parameter_count,
     resolve_config,
     saved_per_token_layer,
+    trained_count,
+    vision_parameters,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,6 +96,17 @@ def test_lora_count_equals_peft(name: str, vision: bool) -> None:
     assert lora_count(architecture(config), 8, vision) == trained
 
 
+@pytest.mark.parametrize("vision", [False, True])
+def test_full_fine_tuning_trains_what_models_full_trains(vision: bool) -> None:
+    from models.full import make_fully_trainable
+
+    config = with_layers(published("qwen2.5-vl-3b-instruct"), 2, 2)
+    model = meta_model(config)
+    make_fully_trainable(model, vision)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trained_count(architecture(config), True, 0, vision) == trained
+
+
 def test_text_lora_count_equals_peft() -> None:
     from models.loading import LoraSettings, add_lora
 
@@ -145,9 +158,10 @@ def test_sharding_divides_the_sharded_parts() -> None:
     params = parameter_count(arch)
     assert one.persistent["weights"] == 2 * params
     assert sharded.persistent["weights"] == 2 * params // 8
-    assert sharded.persistent["optimizer (AdamW 2 moments)"] == 2 * 2 * params // 8
     assert sharded.persistent["reference (frozen copy)"] == 2 * params // 8
-    assert sharded.training["gradients"] == 2 * params // 8
+    trained = params - vision_parameters(arch.vision)  # the tower stays frozen
+    assert sharded.persistent["optimizer (AdamW 2 moments)"] == 2 * 2 * trained // 8
+    assert sharded.training["gradients"] == 2 * trained // 8
     assert sharded.training["activations"] == one.training["activations"]  # per rank, unsharded
     assert sharded.peak < one.peak
 
