@@ -54,7 +54,7 @@ WORKLOADS: dict[str, dict[str, Any]] = {
         "prompts": 2,
         "group": 4,
         "tokens": 32,
-        "full": True,
+        "lora_r": 0,
         "learning_rate": 1e-6,
     },
     "smollm2-full": {
@@ -63,7 +63,7 @@ WORKLOADS: dict[str, dict[str, Any]] = {
         "prompts": 2,
         "group": 4,
         "tokens": 64,
-        "full": True,
+        "lora_r": 0,
         "learning_rate": 1e-6,
     },
     "shaped3b-lora": {"model": "shaped3b", "task": "ocr", "prompts": 1, "group": 2, "tokens": 16},
@@ -144,7 +144,7 @@ def planned(spec: dict[str, Any], measured: dict[str, Any]) -> Any:
     defaults = TrainConfig()
     workload = Workload(
         gpus=0,
-        full=bool(spec.get("full", False)),
+        full=spec.get("lora_r", defaults.lora_r) == 0,
         lora_r=spec.get("lora_r", defaults.lora_r),
         num_generations=spec["group"],
         prompts_per_step=spec["prompts"],
