@@ -279,7 +279,12 @@ def attention_saved(a: Architecture, length: int, e: int, attention: str) -> int
 
 
 def saved_per_token_layer(
-    a: Architecture, length: int, e: int, lora_r: int, attention: str = "sdpa"
+    a: Architecture,
+    length: int,
+    e: int,
+    lora_r: int,
+    attention: str = "sdpa",
+    lora_cast: bool | None = None,
 ) -> int:
     """Bytes one decoder layer saves for backward per token (length L: for the L-dependent
     attention terms). Derived from the autograd graph of transformers' Llama/Qwen2 layer, and
@@ -290,7 +295,8 @@ def saved_per_token_layer(
     - LoRA (frozen base: a base Linear keeps nothing): each adapter keeps its input in float32
       (peft casts it to the adapter's dtype) and its r-wide A output: with E = 4 the input is
       the tensor already kept (q, k, v share one, gate and up one): 2 E H + E I + 7 r 4;
-      with E < 4 each adapter makes its own copy: 4 (3H + q + 2H + I) + 7 r 4.
+      with E < 4 each adapter makes its own copy: 4 (3H + q + 2H + I) + 7 r 4 (`lora_cast`;
+      not under FSDP's bf16 mixed precision, which computes the adapters in bf16 too).
     - full fine-tuning: each Linear keeps its input (q, k, v share the normed hidden, o_proj's
       is the attention output), each norm its normalised input for the weight's gradient:
       2 E H + 2 E H + E I.
@@ -300,7 +306,7 @@ def saved_per_token_layer(
     attention_bytes = attention_saved(a, length, e, attention)
     if lora_r <= 0:
         inputs = 4 * e * a.hidden + e * a.intermediate
-    elif e == 4:
+    elif not (e != 4 if lora_cast is None else lora_cast):
         inputs = 2 * e * a.hidden + e * a.intermediate + 7 * lora_r * 4
     else:
         inputs = 4 * (5 * a.hidden + a.heads * a.head_dim + a.intermediate) + 7 * lora_r * 4
@@ -315,13 +321,14 @@ def activation_bytes(
     lora_r: int,
     checkpointing: bool,
     attention: str,
+    lora_cast: bool | None = None,
 ) -> int:
     """Saved activations of the policy's forward over rows x length tokens, plus the model's
     output [rows, L, H] and the final norm's float32 input. With gradient checkpointing each
     block keeps only its input (E H a token) and one block is recomputed at a time in backward.
     """
     tokens = rows * length
-    layer = saved_per_token_layer(a, length, e, lora_r, attention) * tokens
+    layer = saved_per_token_layer(a, length, e, lora_r, attention, lora_cast) * tokens
     ends = (e + 4) * a.hidden * tokens
     if checkpointing:
         return a.layers * e * a.hidden * tokens + layer + ends
@@ -373,10 +380,27 @@ class Workload:
 
     @property
     def element_bytes(self) -> int:
-        name = self.dtype or ("float32" if self.on_cpu else "bfloat16")
+        """Bytes per stored weight: --dtype (bf16 on GPU, float32 on CPU); full fine-tuning
+        keeps float32 weights on every device (grpo/config.py)."""
+        name = self.dtype or ("float32" if self.on_cpu or self.full else "bfloat16")
         if name not in DTYPE_BYTES:
             raise PlanError(f"--dtype must be one of {sorted(DTYPE_BYTES)}, got {name!r}")
         return DTYPE_BYTES[name]
+
+    @property
+    def mixed_precision(self) -> bool:
+        """FSDP on GPUs computes in bf16 whatever the stored dtype (models/sharding.py)."""
+        return self.fsdp and not self.on_cpu
+
+    @property
+    def compute_bytes(self) -> int:
+        """Bytes per activation element: bf16 under FSDP mixed precision, else the weights'."""
+        return 2 if self.mixed_precision else self.element_bytes
+
+    @property
+    def lora_cast(self) -> bool:
+        """peft casts each adapter's input to the float32 adapter (not under mixed precision)."""
+        return self.compute_bytes != 4 and not self.mixed_precision
 
     @property
     def shards(self) -> int:
@@ -419,6 +443,8 @@ def check(w: Workload) -> None:
         raise PlanError(f"--sampler must be 'vllm' or 'hf', got {w.sampler!r}")
     if w.attention not in ("sdpa", "eager", "flash_attention_2"):
         raise PlanError(f"--attention must be sdpa, eager or flash_attention_2: {w.attention!r}")
+    if w.full and w.dtype in ("bfloat16", "float16"):
+        raise PlanError(f"--dtype {w.dtype} with --full: full fine-tuning keeps float32 weights")
     if not w.full and w.lora_r <= 0:
         raise PlanError("--lora-r must be > 0 (or pass --full / --lora-r 0 for full fine-tuning)")
 
@@ -439,7 +465,8 @@ def persistent_parts(a: Architecture, w: Workload, trainable: int) -> dict[str, 
     parts = {"weights": total * e // s}
     if w.fsdp:
         root = a.vocab * a.hidden * (1 if a.tied else 2) + a.hidden
-        parts["fsdp gathered (root + 2 blocks)"] = (root + 2 * block_parameters(a)) * e
+        gathered = (root + 2 * block_parameters(a)) * w.compute_bytes
+        parts["fsdp gathered (root + 2 blocks)"] = gathered
     train_bytes = e if w.full else 4  # adapters are float32 beside a bf16 base
     if not w.full:
         parts["lora"] = trainable * 4 // s
@@ -469,7 +496,7 @@ def sampler_parts(a: Architecture, w: Workload, total: int) -> dict[str, int]:
 
 def phase_parts(a: Architecture, w: Workload, trainable: int) -> tuple[dict, dict]:
     """(sampling, training): the transient parts of the two phases of a step."""
-    e, rows = w.element_bytes, w.prompts_per_step * w.num_generations
+    e, rows = w.compute_bytes, w.prompts_per_step * w.num_generations
     length = w.max_prompt_length + w.max_completion_length
     sampling = {}
     if w.sampler == "hf":  # the decoding KV cache of the transformers sampler
@@ -478,12 +505,14 @@ def phase_parts(a: Architecture, w: Workload, trainable: int) -> tuple[dict, dic
     lora_r = 0 if w.full else w.lora_r
     training = {
         "activations": activation_bytes(
-            a, rows, length, e, lora_r, w.gradient_checkpointing, w.attention
+            a, rows, length, e, lora_r, w.gradient_checkpointing, w.attention, w.lora_cast
         ),
         "log-prob chunks": logprob_bytes(
             a, rows * w.max_completion_length, w.logprob_chunk_tokens, e
         ),
-        "gradients": 0 if w.fsdp_cpu_offload else trainable * (e if w.full else 4) // w.shards,
+        "gradients": 0
+        if w.fsdp_cpu_offload
+        else trainable * (w.element_bytes if w.full else 4) // w.shards,
     }
     return sampling, training
 
@@ -529,7 +558,8 @@ def render(plan: Plan, model: str) -> str:
         f"plan for {model}: {plan.parameters:,} parameters, {plan.trainable:,} trained ({mode})"
         f"{', FSDP over ' + str(w.shards) if w.fsdp else ''}; {where}",
         f"rows per rank {w.prompts_per_step} x {w.num_generations}, "
-        f"length {w.max_prompt_length} + {w.max_completion_length}, {w.element_bytes}-byte dtype",
+        f"length {w.max_prompt_length} + {w.max_completion_length}, "
+        f"{w.element_bytes}-byte weights, {w.compute_bytes}-byte activations",
     ]
     for title, parts in (
         ("persistent", plan.persistent),

@@ -18,6 +18,7 @@ from grpo.plan import (
     Architecture,
     PlanError,
     Workload,
+    activation_bytes,
     architecture,
     load_architecture,
     lora_count,
@@ -152,18 +153,29 @@ def test_toy_saved_bytes_by_hand() -> None:
 
 
 def test_sharding_divides_the_sharded_parts() -> None:
+    """Full fine-tuning keeps float32 weights (4 B); FSDP divides weights, moments, gradients
+    and the reference by the GPUs and computes in bf16 (2 B activations)."""
     arch = load_architecture("qwen2.5-vl-7b-instruct")
     one = make_plan(arch, Workload(gpus=8, full=True, sampler="hf"))
     sharded = make_plan(arch, Workload(gpus=8, full=True, fsdp=True, sampler="hf"))
     params = parameter_count(arch)
-    assert one.persistent["weights"] == 2 * params
-    assert sharded.persistent["weights"] == 2 * params // 8
-    assert sharded.persistent["reference (frozen copy)"] == 2 * params // 8
     trained = params - vision_parameters(arch.vision)  # the tower stays frozen
-    assert sharded.persistent["optimizer (AdamW 2 moments)"] == 2 * 2 * trained // 8
-    assert sharded.training["gradients"] == 2 * trained // 8
-    assert sharded.training["activations"] == one.training["activations"]  # per rank, unsharded
+    assert one.persistent["weights"] == 4 * params
+    assert sharded.persistent["weights"] == 4 * params // 8
+    assert sharded.persistent["optimizer (AdamW 2 moments)"] == 2 * 4 * trained // 8
+    assert sharded.persistent["reference (frozen copy)"] == 4 * params // 8
+    assert sharded.training["gradients"] == 4 * trained // 8
+    rows, length = 2 * 8, 512 + 1024
+    assert one.training["activations"] == activation_bytes(arch, rows, length, 4, 0, False, "sdpa")
+    assert sharded.training["activations"] == activation_bytes(
+        arch, rows, length, 2, 0, False, "sdpa"
+    )
     assert sharded.peak < one.peak
+
+
+def test_full_fine_tuning_refuses_16_bit_weights() -> None:
+    with pytest.raises(PlanError, match="--dtype bfloat16 with --full"):
+        make_plan(load_architecture("tiny"), Workload(full=True, dtype="bfloat16"))
 
 
 def test_lora_reference_is_free_and_full_reference_skipped_at_beta_zero() -> None:
