@@ -40,7 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -471,11 +471,13 @@ def persistent_parts(a: Architecture, w: Workload, trainable: int) -> dict[str, 
     if not w.full:
         parts["lora"] = trainable * 4 // s
     optimizer = 2 * trainable * train_bytes // s
-    parts["optimizer (AdamW 2 moments)"] = 0 if w.fsdp_cpu_offload else optimizer
-    if w.fsdp_cpu_offload:
-        parts["weights"] = 0
+    parts["optimizer (AdamW 2 moments)"] = optimizer
     if w.full and w.beta > 0:
-        parts["reference (frozen copy)"] = 0 if w.fsdp_cpu_offload else total * e // s
+        parts["reference (frozen copy)"] = total * e // s
+    if w.fsdp_cpu_offload:  # FSDP2's CPUOffloadPolicy: the shards and their AdamW live on the host
+        for name in ("weights", "optimizer (AdamW 2 moments)", "reference (frozen copy)"):
+            if name in parts:
+                parts[name] = 0
     parts.update(sampler_parts(a, w, total))
     parts["baseline"] = (
         CPU_BASELINE_BYTES + TOKENIZER_BYTES_PER_ENTRY * a.vocab if w.on_cpu else CUDA_CONTEXT_BYTES
@@ -517,6 +519,16 @@ def phase_parts(a: Architecture, w: Workload, trainable: int) -> tuple[dict, dic
     return sampling, training
 
 
+def host_bytes(a: Architecture, w: Workload) -> int:
+    """What --fsdp-cpu-offload moves to the host, per GPU: the weight, moment, gradient and
+    reference shards."""
+    trainable = trained_count(a, w.full, w.lora_r, w.lora_vision)
+    kept = persistent_parts(a, replace(w, fsdp_cpu_offload=False), trainable)
+    offloaded = ("weights", "lora", "optimizer (AdamW 2 moments)", "reference (frozen copy)")
+    gradients = trainable * (w.element_bytes if w.full else 4) // w.shards
+    return sum(kept.get(name, 0) for name in offloaded) + gradients
+
+
 def make_plan(a: Architecture, w: Workload) -> Plan:
     check(w)
     trainable = trained_count(a, w.full, w.lora_r, w.lora_vision)
@@ -525,19 +537,25 @@ def make_plan(a: Architecture, w: Workload) -> Plan:
     plan.sampling, plan.training = sampling, training
     if w.on_cpu:
         plan.notes.append("CPU: the peak is the process's peak RSS (ru_maxrss)")
-    rows, length = (
-        w.prompts_per_step * w.num_generations,
-        w.max_prompt_length + w.max_completion_length,
-    )
+    rows = w.prompts_per_step * w.num_generations
+    length = w.max_prompt_length + w.max_completion_length
+    lora_r = 0 if w.full else w.lora_r
     sizes = [
-        activation_bytes(
-            a, rows, length, w.element_bytes, 0 if w.full else w.lora_r, gc, w.attention
-        )
+        activation_bytes(a, rows, length, w.compute_bytes, lora_r, gc, w.attention, w.lora_cast)
         for gc in (False, True)
     ]
     plan.notes.append(
         f"activations without / with checkpointing: {gib(sizes[0])} / {gib(sizes[1])}"
     )
+    if w.fsdp_cpu_offload:
+        plan.notes.append(
+            f"--fsdp-cpu-offload: host memory per GPU {gib(host_bytes(a, w)).strip()}"
+        )
+    if plan.persistent.get("vllm kv cache + workspace", 1) == 0:
+        plan.notes.append(
+            "vLLM's weight copy alone exceeds --vllm-gpu-memory-utilization x --gpu-memory: "
+            "raise one or --vllm-tensor-parallel-size"
+        )
     return plan
 
 
