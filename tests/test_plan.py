@@ -357,3 +357,18 @@ def plan_check(workload: str) -> dict:
 def test_plan_peak_within_25_percent_of_measured_rss(workload: str) -> None:
     record = plan_check(workload)
     assert 0.75 <= record["plan_over_measured"] <= 1.25, record
+
+
+def test_cpu_vllm_engine_and_offload_by_hand() -> None:
+    arch = load_architecture("smollm2")
+    params = parameter_count(arch)
+    cpu = make_plan(arch, Workload(gpus=0, sampler="vllm"))
+    assert cpu.persistent["vllm weights"] == 4 * params
+    assert cpu.persistent["vllm kv cache"] == GIB  # models/vllm_sampler.py on a CPU
+    assert cpu.capacity is None
+    gpu = make_plan(arch, Workload(gpus=8, gpu_memory_gib=40, vllm_gpu_memory_utilization=0.5))
+    engine = gpu.persistent["vllm weights"] + gpu.persistent["vllm kv cache + workspace"]
+    assert engine == 20 * GIB
+    offload = make_plan(arch, Workload(gpus=8, full=True, fsdp=True, fsdp_cpu_offload=True))
+    assert offload.persistent["weights"] == offload.persistent["optimizer (AdamW 2 moments)"] == 0
+    assert offload.training["gradients"] == 0
