@@ -353,7 +353,9 @@ def plan_check(workload: str) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("workload", ["tiny-lora", "tiny-lora-gc", "smollm2-lora", "shaped3b-lora"])
+@pytest.mark.parametrize(
+    "workload", ["tiny-lora", "tiny-full", "smollm2-lora", "smollm2-full", "shaped3b-lora"]
+)
 def test_plan_peak_within_25_percent_of_measured_rss(workload: str) -> None:
     record = plan_check(workload)
     assert 0.75 <= record["plan_over_measured"] <= 1.25, record
