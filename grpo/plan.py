@@ -475,7 +475,7 @@ def persistent_parts(a: Architecture, w: Workload, trainable: int) -> dict[str, 
     if w.full and w.beta > 0:
         parts["reference (frozen copy)"] = total * e // s
     if w.fsdp_cpu_offload:  # FSDP2's CPUOffloadPolicy: the shards and their AdamW live on the host
-        for name in ("weights", "optimizer (AdamW 2 moments)", "reference (frozen copy)"):
+        for name in ("weights", "lora", "optimizer (AdamW 2 moments)", "reference (frozen copy)"):
             if name in parts:
                 parts[name] = 0
     parts.update(sampler_parts(a, w, total))
