@@ -41,6 +41,7 @@ from tests.shape_report import record
 from tests.vllm_helpers import LOGP_TOLERANCE
 
 BF16_LOGP_TOLERANCE = 0.1
+REPORTED = ("sync", "export_hf", "export_vllm")
 
 
 def tolerance(shape: Shape) -> float:
@@ -57,9 +58,10 @@ def run_worker(shape: Shape, out: Path) -> dict[str, Any]:
     layers = f"{shape.text_layers} text" + (
         f" + {shape.vision_layers} vision" if shape.vision else ""
     )
+    gaps = ", ".join(f"{k} {logprob_gap(result[k]):.1e}" for k in REPORTED)
     record(
         f"{shape.name} ({layers} layers, {shape.dtype}): peak RSS {result['peak_rss_gib']:.1f} GiB,"
-        f" {time.perf_counter() - start:.0f} s (worker {result['seconds']:.0f} s)"
+        f" {time.perf_counter() - start:.0f} s; max |log-prob - trainer's|: {gaps}"
     )
     return result
 
