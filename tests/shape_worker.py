@@ -149,6 +149,7 @@ def one_step(trainer: Trainer) -> dict[str, Any]:
     after = trainer.policy.trainable_parameters()
     return {
         "loss": metrics.get("loss"),
+        "grad_norm": metrics.get("grad_norm"),
         "lora_moved": any(not torch.equal(a, b) for a, b in zip(before, after, strict=True)),
         "seconds": time.perf_counter() - start,
     }

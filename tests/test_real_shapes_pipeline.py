@@ -2,7 +2,7 @@
 training, weight sync and export, each in a process of its own (tests/shape_worker.py):
 
 - one train_step with vLLM as the sampler and one with transformers' (the same trainer): the
-  loss is finite and the LoRA weights move;
+  loss is finite, the gradient non-zero and the LoRA weights move;
 - a strong LoRA change synced into the engine: vLLM's greedy tokens are the trainer's, and the
   log-prob vLLM reports for each is the trainer's recomputation from its own logits;
 - the merged export reloaded in transformers and in vLLM: the same greedy tokens as the
@@ -94,7 +94,8 @@ def test_train_sync_and_export_at_the_real_shape(shape: Shape, tmp_path: Path) -
     tol, stages = tolerance(shape), json.dumps(result["stages"])
     for sampler in ("vllm_step", "hf_step"):
         step = result[sampler]
-        assert step["lora_moved"] and math.isfinite(step["loss"]), (sampler, step)
+        assert math.isfinite(step["loss"]) and step["grad_norm"] > 0, (sampler, step)
+        assert step["lora_moved"], (sampler, step)
 
     sync, want = result["sync"], result["sync"]["want"]
     assert sync["before"] != want["ids"], "the LoRA change does not matter: the test cannot fail"
