@@ -6,7 +6,7 @@ process per case keeps each case's peak RSS its own (ru_maxrss only grows) and g
 its memory back to the machine before the next case. The worker measures and records; the
 test asserts. Its only output is OUT/result.json:
 
-  vllm_step, hf_step      one train_step with each sampler: loss, LoRA moved, seconds
+  vllm_step, hf_step      one train_step with each sampler: loss, grad norm, LoRA moved, s
   sync                    after a strong LoRA change and sync_weights: vLLM's greedy tokens
                           and their log-probs vs the policy's (the trainer's logits)
   export_hf, export_vllm  the merged export reloaded in transformers / in vLLM, the same
@@ -195,6 +195,7 @@ def reload_export(shape: Shape, ckpt: Path, out: Path, want: list[int], stage: S
     """The merged export loaded as a plain model, in transformers and in vLLM."""
     exported = export_checkpoint(str(ckpt), str(out / "merged"))
     stage("exported")
+    # the pixel bounds the policy trained with (tests/training_helpers.py small_config)
     pixels = dict(min_pixels=28 * 28, max_pixels=56 * 56) if shape.vision else {}
     settings = PolicySettings(model=str(exported), lora_r=0, dtype=shape.dtype, **pixels)
     merged = make_policy(settings, torch.device("cpu"))
