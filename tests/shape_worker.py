@@ -6,7 +6,7 @@ process per case keeps each case's peak RSS its own (ru_maxrss only grows) and g
 its memory back to the machine before the next case. The worker measures and records; the
 test asserts. Its only output is OUT/result.json:
 
-  vllm_step, hf_step      one train_step with each sampler: loss, grad norm, LoRA moved, s
+  vllm_step, hf_step      one train_step with each sampler: loss, grad norm, LoRA moved, time
   sync                    after a strong LoRA change and sync_weights: vLLM's greedy tokens
                           and their log-probs vs the policy's (the trainer's logits)
   export_hf, export_vllm  the merged export reloaded in transformers / in vLLM, the same
