@@ -120,18 +120,28 @@ def _write_tiny_checkpoint(out_dir: Path, spec: TinySpec, seed: int) -> None:
     (out_dir / "tiny_spec.json").write_text(json.dumps({**asdict(spec), "seed": seed}, indent=1))
 
 
+def is_text_only(published: dict[str, Any]) -> bool:
+    """Whether a published config.json is a text-only Qwen2.5 (model_type "qwen2")."""
+    return published.get("model_type") == "qwen2"
+
+
 def shaped_config(published: dict[str, Any], text_layers: int, vision_layers: int):
-    """Qwen2_5_VLConfig of a published config.json with only the layer counts cut.
+    """The config of a published config.json with only the layer counts cut: Qwen2Config for a
+    text-only Qwen2.5 (`vision_layers` must be 0), Qwen2_5_VLConfig for a Qwen2.5-VL.
 
     Every width, head count, head_dim, rope setting, vocabulary size and tie setting stays as
-    published; the vision tower keeps one windowed block and ends on a full-attention one
-    (the published towers interleave them), so both attention paths run.
+    published; a vision tower keeps one windowed block and ends on a full-attention one (the
+    published towers interleave them), so both attention paths run.
     """
-    from transformers import Qwen2_5_VLConfig
+    from transformers import Qwen2_5_VLConfig, Qwen2Config
 
     config = json.loads(json.dumps(published))  # a deep copy: the caller's dict stays as given
     config["num_hidden_layers"] = text_layers
     config["pad_token_id"] = SPECIAL_TOKENS["<|endoftext|>"]
+    if is_text_only(published):
+        if vision_layers:
+            raise ValueError(f"vision_layers={vision_layers}: a text-only config has no tower")
+        return Qwen2Config.from_dict(config)
     vision = config["vision_config"]
     vision["depth"] = vision_layers
     vision["fullatt_block_indexes"] = [vision_layers - 1]
@@ -141,14 +151,21 @@ def shaped_config(published: dict[str, Any], text_layers: int, vision_layers: in
 def _write_shaped_checkpoint(
     out_dir: Path, published: dict[str, Any], text_layers: int, vision_layers: int, dtype: str
 ) -> None:
-    from transformers import AutoTokenizer, GenerationConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import (
+        AutoTokenizer,
+        GenerationConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2ForCausalLM,
+    )
 
     from models.processor import build_processor
 
     torch.manual_seed(0)
     config = shaped_config(published, text_layers, vision_layers)
+    text_only = is_text_only(published)
+    architecture = Qwen2ForCausalLM if text_only else Qwen2_5_VLForConditionalGeneration
     # built directly in the target dtype: a 72B-wide model in float32 would need twice the RAM
-    model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=getattr(torch, dtype))
+    model = architecture._from_config(config, dtype=getattr(torch, dtype))
     model.generation_config = GenerationConfig(
         eos_token_id=[SPECIAL_TOKENS["<|im_end|>"], SPECIAL_TOKENS["<|endoftext|>"]],
         pad_token_id=SPECIAL_TOKENS["<|endoftext|>"],
@@ -156,19 +173,24 @@ def _write_shaped_checkpoint(
     model.save_pretrained(out_dir)
     del model
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path())
-    build_processor(tokenizer).save_pretrained(out_dir)
+    if text_only:
+        tokenizer.save_pretrained(out_dir)
+    else:
+        build_processor(tokenizer).save_pretrained(out_dir)
 
 
 def shaped_model_path(
     published: dict[str, Any], text_layers: int = 1, vision_layers: int = 2, dtype: str = "float32"
 ) -> Path:
-    """A cached checkpoint with a real model's shapes (`published`: its config.json as a dict),
-    `text_layers` / `vision_layers` deep, random weights (the config's initializer_range,
-    0.02: logits stay finite and near-uniform), the offline Qwen2.5 tokenizer and processor.
+    """A cached checkpoint with a real model's shapes (`published`: its config.json as a dict,
+    Qwen2.5-VL or text-only Qwen2.5 with vision_layers=0), `text_layers` / `vision_layers`
+    deep, random weights (the config's initializer_range, 0.02: logits stay finite and
+    near-uniform), the offline Qwen2.5 tokenizer (and processor for Qwen2.5-VL).
     """
     blob = json.dumps([published, text_layers, vision_layers, dtype], sort_keys=True)
     key = hashlib.sha1(blob.encode()).hexdigest()[:8]
-    target = cache_root() / f"shaped-qwen2.5-vl-v{TINY_VERSION}-{key}"
+    kind = "qwen2.5" if is_text_only(published) else "qwen2.5-vl"
+    target = cache_root() / f"shaped-{kind}-v{TINY_VERSION}-{key}"
     return build_once(
         target,
         lambda out: _write_shaped_checkpoint(out, published, text_layers, vision_layers, dtype),

@@ -180,7 +180,9 @@ def engine_arguments(policy: Any, settings: VLLMSettings) -> dict[str, Any]:
         "logprobs_mode": "processed_logprobs",
     }
     if policy.has_vision:
-        args["limit_mm_per_prompt"] = {"image": settings.max_images_per_prompt}
+        # no videos ever: at start-up vLLM builds (and profiles) a dummy input of every
+        # modality it allows, and a max-length dummy video costs seconds and GBs on CPU
+        args["limit_mm_per_prompt"] = {"image": settings.max_images_per_prompt, "video": 0}
         # the images arrive sized by the policy; keep vLLM's processor on the same bounds
         size = {"shortest_edge": policy.min_pixels, "longest_edge": policy.max_pixels}
         args["mm_processor_kwargs"] = {"size": size}

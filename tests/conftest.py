@@ -32,3 +32,14 @@ def images() -> list[Image.Image]:
         pixels = torch.randint(0, 256, (h, w, 3), generator=gen, dtype=torch.uint8)
         out.append(Image.fromarray(pixels.numpy(), "RGB"))
     return out
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Peak RSS and time of each real-shape case (tests/test_real_shapes_pipeline.py), in the
+    log without -s."""
+    from tests.shape_report import LINES
+
+    if LINES:
+        terminalreporter.section("real model shapes: peak memory and time")
+        for line in LINES:
+            terminalreporter.write_line(line)

@@ -1,24 +1,33 @@
-"""One real-shaped Qwen2.5-VL through the whole pipeline, in a process of its own.
+"""One real-shaped model (tests/shape_cases.py) through the whole pipeline, in a process of
+its own.
 
-Run by tests/test_real_shapes.py as `python tests/shape_worker.py FIXTURE DTYPE TEXT_LAYERS OUT`.
-A process per shape keeps each case's peak RSS its own (ru_maxrss only grows) and returns all
-memory to the machine between cases. The worker only measures and records; the test asserts.
-It writes OUT/result.json:
+Run by tests/test_real_shapes_pipeline.py as `python tests/shape_worker.py NAME OUT`. A
+process per case keeps each case's peak RSS its own (ru_maxrss only grows) and gives all of
+its memory back to the machine before the next case. The worker measures and records; the
+test asserts. Its only output is OUT/result.json:
 
-  hf_step, vllm_step     metrics of one train_step with each sampler (+ LoRA moved, seconds)
-  sync                   vLLM greedy vs the policy's greedy after a strong LoRA change
-  export_hf, export_vllm the merged export reloaded in transformers / vLLM vs the same greedy
+  vllm_step, hf_step      one train_step with each sampler: loss, grad norm, LoRA moved, time
+  sync                    after a strong LoRA change and sync_weights: vLLM's greedy tokens
+                          and their log-probs vs the policy's (the trainer's logits)
+  export_hf, export_vllm  the merged export reloaded in transformers / in vLLM, the same
+                          comparison against the trained policy
+  stages                  RSS now and peak RSS (GiB) and seconds after each stage
   peak_rss_gib, seconds
+
+The built checkpoint and the export are deleted at the end: at real widths they are GBs each.
 """
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import math
 import resource
+import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +40,44 @@ import models  # noqa: E402, F401  (the torchvision shim first)
 from evaluate import export_checkpoint  # noqa: E402
 from grpo import distributed  # noqa: E402
 from grpo.checkpoint import save_checkpoint  # noqa: E402
-from grpo.trainer import build_trainer, run_info, train_step, trainer_state  # noqa: E402
+from grpo.config import TrainConfig  # noqa: E402
+from grpo.trainer import Trainer, build_trainer, run_info, train_step, trainer_state  # noqa: E402
 from grpo.types import PolicySettings, PromptInput, SamplingSettings  # noqa: E402
 from models import BACKEND  # noqa: E402
-from models.policy import Policy  # noqa: E402
+from models.policy import Policy, make_policy  # noqa: E402
 from models.samplers import TransformersSampler  # noqa: E402
 from models.tiny import shaped_model_path  # noqa: E402
+from models.vllm_sampler import VLLMSampler, VLLMSettings  # noqa: E402
+from tests.shape_cases import SHAPES, Shape  # noqa: E402
 from tests.training_helpers import small_config, write_ocr_jsonl  # noqa: E402
-from tests.vllm_helpers import image_prompts  # noqa: E402
+from tests.vllm_helpers import image_prompts, trainer_logprobs  # noqa: E402
 
-GREEDY = SamplingSettings(max_new_tokens=6, greedy=True)
+GREEDY = SamplingSettings(max_new_tokens=4, greedy=True)
+MAX_MODEL_LEN = 512  # prompts here are < 100 tokens; it bounds vLLM's profiling batch too
+KV_CACHE_GIB = 0.25
+
+
+class Stages:
+    """RSS after each named stage: where the memory goes, case by case."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.rows: dict[str, dict[str, float]] = {}
+
+    def __call__(self, name: str) -> None:
+        self.rows[name] = {
+            "rss_gib": round(rss_now_gib(), 2),
+            "peak_gib": round(peak_rss_gib(), 2),
+            "seconds": round(time.perf_counter() - self.start, 1),
+        }
+
+
+def rss_now_gib() -> float:
+    """This process's resident set now (/proc/self/status VmRSS, in KiB)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 2**20
+    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
 def peak_rss_gib() -> float:
@@ -48,13 +85,36 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def lora_snapshot(policy: Policy) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in policy.trainable_parameters()]
+def release() -> None:
+    """Collect the dropped objects and hand glibc's free heap back to the machine, so the next
+    stage starts from what is really held (malloc keeps freed arenas otherwise)."""
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def moved(before: list[torch.Tensor], policy: Policy) -> bool:
-    after = policy.trainable_parameters()
-    return any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+def step_config(shape: Shape, model: Path, work: Path) -> TrainConfig:
+    """One prompt, G=2, 4 new tokens, a small engine: the shortest honest train_step. A
+    vision model reads OCR samples with small images, a text model the built-in arith task."""
+    config = small_config(
+        write_ocr_jsonl(work / "data", 2),
+        work / "run",
+        model=str(model),
+        dtype=shape.dtype,
+        sampler="vllm",
+        vllm_max_model_len=MAX_MODEL_LEN,
+        prompts_per_step=1,
+        num_generations=2,
+        max_completion_length=4,
+    )
+    return config if shape.vision else replace(config, task="arith", data=None)
+
+
+def probe_prompt(policy: Policy) -> PromptInput:
+    """A short prompt for the greedy comparisons: one small image for a vision model."""
+    if policy.has_vision:
+        return image_prompts(policy)[0]
+    message = [{"role": "user", "content": [{"type": "text", "text": "What is 7 + 5?"}]}]
+    return policy.prompt_input(message, [])
 
 
 def strong_lora_change(policy: Policy) -> None:
@@ -68,102 +128,107 @@ def strong_lora_change(policy: Policy) -> None:
                 param.copy_(noise.to(param.dtype))
 
 
-def greedy_ids(sampler: Any, prompt: PromptInput) -> list[int]:
-    return sampler.generate([prompt], 1, GREEDY).completion_ids[0]
+def scored(sampler: Any, judge: Policy, prompt: PromptInput, want: list[int] | None) -> dict:
+    """`sampler`'s greedy tokens and the log-probs it reports; `judge`'s log-probs (the
+    trainer's recomputation at temperature 1) of those tokens and of `want`'s."""
+    rollout = sampler.generate([prompt], 1, GREEDY)
+    ids = rollout.completion_ids[0]
+    logp, _ = trainer_logprobs(judge, [prompt], [ids], 1, 1.0)  # [1, T]
+    row = {"ids": ids, "logprobs": rollout.logprobs[0], "trainer_logprobs": logp[0].tolist()}
+    if want is not None:
+        logp, _ = trainer_logprobs(judge, [prompt], [want], 1, 1.0)  # [1, T']
+        row["want_logprobs"] = logp[0].tolist()
+    return row
 
 
-def tie_gap(policy: Policy, prompt: PromptInput, a: list[int], b: list[int]) -> float | None:
-    """None if a == b; else |logit_a - logit_b| under `policy` at the first position where the
-    two greedy outputs part (after the common prefix): a near-tie that rounding may flip."""
-    if a == b:
-        return None
-    k = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
-    if k is None:  # one stopped earlier: the stop token against the other's next token
-        return float("inf")
-    batch = policy.rollout_batch(policy.encode([prompt, prompt]), [a[: k + 1], b[: k + 1]], 1)
-    with torch.no_grad():
-        logp = policy.logprobs(batch, 1.0).logp  # [2, T]
-    return abs(float(logp[0, k] - logp[1, k]))
-
-
-def comparison(policy: Policy, prompt: PromptInput, got: list[int], want: list[int]) -> dict:
-    return {"got": got, "want": want, "tie_gap": tie_gap(policy, prompt, got, want)}
-
-
-def one_step(model: Path, dtype: str, sampler: str, work: Path) -> tuple[Any, dict]:
-    """build_trainer + train_step with `sampler`; returns the trainer and what the step did."""
-    data = write_ocr_jsonl(work / "data", 4)
-    config = small_config(
-        data,
-        work / f"run-{sampler}",
-        model=str(model),
-        sampler=sampler,
-        dtype=dtype,
-        prompts_per_step=1,
-        num_generations=2,
-        max_completion_length=4,
-        vllm_max_model_len=1024,
-    )
+def one_step(trainer: Trainer) -> dict[str, Any]:
+    """train_step with the trainer's current sampler: what it did to the adapter."""
     start = time.perf_counter()
-    trainer = build_trainer(config, distributed.init_distributed(), BACKEND)
-    before = lora_snapshot(trainer.policy)
+    before = [p.detach().clone() for p in trainer.policy.trainable_parameters()]
     metrics, _ = train_step(trainer)
-    finite = {k: v for k, v in metrics.items() if isinstance(v, float) and math.isfinite(v)}
-    return trainer, {
+    after = trainer.policy.trainable_parameters()
+    return {
         "loss": metrics.get("loss"),
-        "finite_metrics": len(finite),
-        "metrics": len(metrics),
-        "lora_moved": moved(before, trainer.policy),
+        "grad_norm": metrics.get("grad_norm"),
+        "lora_moved": any(not torch.equal(a, b) for a, b in zip(before, after, strict=True)),
         "seconds": time.perf_counter() - start,
     }
 
 
-def main(fixture: str, dtype: str, text_layers: int, out: Path) -> None:
-    start = time.perf_counter()
-    published = json.loads(Path(fixture).read_text())
-    model = shaped_model_path(published, text_layers=text_layers, vision_layers=2, dtype=dtype)
-    result: dict[str, Any] = {"model": str(model), "build_seconds": time.perf_counter() - start}
+def train_and_sync(shape: Shape, model: Path, out: Path, stage: Stages) -> tuple[dict, Path]:
+    """A step with each sampler, then a strong LoRA change synced into the engine; returns
+    the results and the saved checkpoint."""
+    policy_loaded = BACKEND.load_policy
 
-    trainer, result["hf_step"] = one_step(model, dtype, "hf", out)
-    trainer = None  # the last reference: the model's memory goes back before the next load
-    gc.collect()
+    def load_policy(settings: PolicySettings, device: torch.device) -> Any:
+        policy = policy_loaded(settings, device)
+        stage("policy loaded")
+        return policy
 
-    trainer, result["vllm_step"] = one_step(model, dtype, "vllm", out)
+    backend = replace(BACKEND, load_policy=load_policy)
+    trainer = build_trainer(step_config(shape, model, out), distributed.init_distributed(), backend)
+    stage("vLLM engine started")
     policy, engine = trainer.policy, trainer.sampler
-    prompt = image_prompts(policy)[0]
-    before = greedy_ids(engine, prompt)
+    result: dict[str, Any] = {"vllm_step": one_step(trainer)}
+    stage("vLLM step")
+    trainer.sampler = TransformersSampler(policy)  # the same trainer, the other sampler
+    result["hf_step"] = one_step(trainer)
+    trainer.sampler = engine
+    stage("transformers step")
+
+    prompt = probe_prompt(policy)
+    before = engine.generate([prompt], 1, GREEDY).completion_ids[0]
     strong_lora_change(policy)
     engine.sync_weights(policy)
-    want = greedy_ids(TransformersSampler(policy), prompt)
-    result["sync"] = {
-        **comparison(policy, prompt, greedy_ids(engine, prompt), want),
-        "before": before,
-    }
-    trainer.step = 1
-    ckpt = save_checkpoint(
-        out / "run-vllm", 1, policy, trainer_state(trainer), run_info(trainer), None
-    )
+    want = scored(TransformersSampler(policy), policy, prompt, None)
+    synced = scored(engine, policy, prompt, want["ids"])
+    result["sync"] = {**synced, "before": before, "want": want}
+    stage("sync checked")
+    trainer.step = 2
+    ckpt = save_checkpoint(out / "run", 2, policy, trainer_state(trainer), run_info(trainer), None)
+    result["prompt"] = {"text": prompt.text, "images": [list(im.size) for im in prompt.images]}
     engine.close()
-    trainer = policy = engine = None
-    gc.collect()
+    return result, ckpt
 
-    t0 = time.perf_counter()
+
+def reload_export(shape: Shape, ckpt: Path, out: Path, want: list[int], stage: Stages) -> dict:
+    """The merged export loaded as a plain model, in transformers and in vLLM."""
     exported = export_checkpoint(str(ckpt), str(out / "merged"))
-    result["export_seconds"] = time.perf_counter() - t0
-    merged = Policy(PolicySettings(model=str(exported), lora_r=0, dtype=dtype), torch.device("cpu"))
-    result["export_hf"] = comparison(
-        merged, prompt, greedy_ids(TransformersSampler(merged), prompt), want
+    stage("exported")
+    # the pixel bounds the policy trained with (tests/training_helpers.py small_config)
+    pixels = dict(min_pixels=28 * 28, max_pixels=56 * 56) if shape.vision else {}
+    settings = PolicySettings(model=str(exported), lora_r=0, dtype=shape.dtype, **pixels)
+    merged = make_policy(settings, torch.device("cpu"))
+    prompt = probe_prompt(merged)
+    result = {"export_hf": scored(TransformersSampler(merged), merged, prompt, want)}
+    stage("export reloaded in transformers")
+    engine = VLLMSampler(
+        merged, VLLMSettings(kv_cache_gib=KV_CACHE_GIB, max_model_len=MAX_MODEL_LEN)
     )
-
-    from models.vllm_sampler import VLLMSampler, VLLMSettings
-
-    engine = VLLMSampler(merged, VLLMSettings(kv_cache_gib=0.25, max_model_len=1024))
-    result["export_vllm"] = comparison(merged, prompt, greedy_ids(engine, prompt), want)
+    result["export_vllm"] = scored(engine, merged, prompt, want)
     engine.close()
-    result["peak_rss_gib"] = peak_rss_gib()
-    result["seconds"] = time.perf_counter() - start
+    stage("export reloaded in vLLM")
+    return result
+
+
+def main(name: str, out: Path) -> None:
+    shape, stage = SHAPES[name], Stages()
+    stage("start")
+    model = shaped_model_path(
+        shape.published(), shape.text_layers, shape.vision_layers, shape.dtype
+    )
+    stage("model built and saved")
+    result, ckpt = train_and_sync(shape, model, out, stage)
+    release()  # the trainer, its policy and engine are gone
+    stage("trainer released")
+    result |= reload_export(shape, ckpt, out, result["sync"]["want"]["ids"], stage)
+    shutil.rmtree(model)
+    shutil.rmtree(out / "merged")
+    stage("model and export deleted")
+    result |= {"stages": stage.rows, "peak_rss_gib": peak_rss_gib()}
+    result["seconds"] = time.perf_counter() - stage.start
     (out / "result.json").write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]))
+    main(sys.argv[1], Path(sys.argv[2]))

@@ -1,52 +1,39 @@
-"""The published Qwen2.5-VL architectures (3B, 7B, 72B), built few layers deep.
+"""The published Qwen2.5-VL (3B, 7B, 72B) and Qwen2.5 (0.5B, 1.5B, 7B) architectures, built
+few layers deep: the built configs are the published ones with fewer layers.
 
-tests/fixtures/qwen2.5-vl-*-instruct.config.json are the models' published config.json files;
-models/tiny.py shaped_model_path builds a checkpoint with exactly those shapes (widths, heads
-and KV heads, head_dim 128, mrope_section, tied or untied embeddings, vocabulary, vision
-tower), cut to few layers, random weights, the real tokenizer. Here: the built configs are the
-published ones. The full pipeline per shape (a train step with each sampler, sync, export
-reloaded in transformers and vLLM) is on branch `shapes` until it fits this machine: its 3B
-case was killed at 10.3 GB while vLLM loaded the checkpoint.
+tests/shape_cases.py holds the table and reads the fixtures (the models' published
+config.json files); models/tiny.py shaped_model_path builds a checkpoint with exactly those
+shapes (widths, heads and KV heads, head_dim, mrope_section, tied or untied embeddings,
+vocabulary, vision tower), random weights, the real tokenizer. Each one through training,
+sync and export: tests/test_real_shapes_pipeline.py.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Any
-
 import pytest
 
 from models.tiny import shaped_config
+from tests.shape_cases import SHAPES, Shape
 
-FIXTURES = Path(__file__).parent / "fixtures"
-# (fixture name, dtype, text layers)
-SHAPES = {
-    "3b": ("float32", 2),
-    "7b": ("float32", 2),
-    "72b": ("bfloat16", 1),
-}
-BF16_TIE = 0.1  # logits; bf16 keeps 8 bits of mantissa: a 0.1 gap at |logit| ~ 10 is 1 ulp-ish
+TEXT_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+    "rms_norm_eps",
+    "max_position_embeddings",
+)
+VL = [s for s in SHAPES.values() if s.vision]
+TEXT = [s for s in SHAPES.values() if not s.vision]
 
 
-def published(name: str) -> dict[str, Any]:
-    return json.loads((FIXTURES / f"qwen2.5-vl-{name}-instruct.config.json").read_text())
-
-
-@pytest.mark.parametrize("name", list(SHAPES))
-def test_the_built_config_is_the_published_one_with_fewer_layers(name: str) -> None:
-    source = published(name)
+@pytest.mark.parametrize("shape", VL, ids=lambda s: s.name)
+def test_the_built_vl_config_is_the_published_one_with_fewer_layers(shape: Shape) -> None:
+    source = shape.published()
     config = shaped_config(source, text_layers=2, vision_layers=2)
     text, vision = config.text_config, config.vision_config
-    for key in (
-        "hidden_size",
-        "intermediate_size",
-        "num_attention_heads",
-        "num_key_value_heads",
-        "vocab_size",
-        "rms_norm_eps",
-        "max_position_embeddings",
-    ):
+    for key in TEXT_KEYS:
         assert getattr(text, key) == source[key], key
     assert text.num_hidden_layers == 2 and vision.depth == 2
     assert text.hidden_size // text.num_attention_heads == 128  # head_dim
@@ -56,11 +43,32 @@ def test_the_built_config_is_the_published_one_with_fewer_layers(name: str) -> N
         == source["rope_scaling"]["mrope_section"]
     )
     assert text.rope_parameters["rope_theta"] == source["rope_theta"] == 1e6
-    assert config.tie_word_embeddings is source["tie_word_embeddings"] is (name == "3b")
-    assert text.vocab_size == (151936 if name == "3b" else 152064)
+    three_b = shape.name == "qwen2.5-vl-3b-instruct"
+    assert config.tie_word_embeddings is source["tie_word_embeddings"] is three_b
+    assert text.vocab_size == (151936 if three_b else 152064)
     for key in ("hidden_size", "num_heads", "intermediate_size", "window_size", "patch_size"):
         assert getattr(vision, key) == source["vision_config"][key], key
     assert vision.hidden_size == 1280 and vision.num_heads == 16 and vision.window_size == 112
     assert vision.out_hidden_size == text.hidden_size
     assert vision.fullatt_block_indexes == [1]  # one windowed block, then a full-attention one
 
+
+@pytest.mark.parametrize("shape", TEXT, ids=lambda s: s.name)
+def test_the_built_text_config_is_the_published_one_with_fewer_layers(shape: Shape) -> None:
+    source = shape.published()
+    config = shaped_config(source, text_layers=2, vision_layers=0)
+    assert type(config).__name__ == "Qwen2Config" and config.num_hidden_layers == 2
+    for key in (*TEXT_KEYS, "tie_word_embeddings"):
+        assert getattr(config, key) == source[key], key
+    assert config.rope_parameters["rope_theta"] == source["rope_theta"] == 1e6
+    assert config.layer_types == ["full_attention"] * 2  # use_sliding_window is false
+    big = shape.name == "qwen2.5-7b-instruct"
+    assert config.tie_word_embeddings is not big
+    assert config.vocab_size == (152064 if big else 151936)
+    head_dim = {"qwen2.5-0.5b-instruct": 64}.get(shape.name, 128)
+    assert config.hidden_size // config.num_attention_heads == head_dim
+
+
+def test_a_text_config_refuses_vision_layers() -> None:
+    with pytest.raises(ValueError, match="vision_layers=2"):
+        shaped_config(SHAPES["qwen2.5-0.5b-instruct"].published(), 1, 2)

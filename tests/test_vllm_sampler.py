@@ -175,6 +175,7 @@ def test_engine_arguments_on_cpu(policy: Policy) -> None:
     assert args["seed"] == 7  # rank 0
     assert "enable_sleep_mode" not in args  # GPU only
     assert "enable_lora" not in args
+    assert args["limit_mm_per_prompt"] == {"image": 1, "video": 0}  # no dummy video at start-up
     adapter = engine_arguments(policy, VLLMSettings(sync="adapter"))
     assert adapter["enable_lora"] is True
     assert adapter["max_lora_rank"] == 8  # the policy's r

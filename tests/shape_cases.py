@@ -1,0 +1,58 @@
+"""The published model shapes the real-shape tests build: one table, read by
+tests/test_real_shapes.py (the built configs are the published ones), tests/shape_worker.py
+(one case through the pipeline) and tests/test_real_shapes_pipeline.py (the assertions).
+
+tests/fixtures/<name>.config.json are the models' published config.json files, copied as they
+are (public facts). Each case keeps every width and head count and cuts only the layer counts.
+
+dtype: float32 where the policy and vLLM's copy of it fit this 24 GiB machine side by side.
+The 72B shape runs in bfloat16 (its published torch_dtype) in the trainer and in vLLM: its two
+untied 152064 x 8192 embedding matrices alone are 2.5 G parameters, 10 GB in float32 and so
+20 GB for the pair of copies; in bf16 the whole one-layer model is ~7 GB a copy.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One published model, cut to `text_layers` decoder layers (and `vision_layers` vision
+    blocks for a Qwen2.5-VL; 0 for a text-only Qwen2.5)."""
+
+    name: str  # the fixture's stem: tests/fixtures/<name>.config.json
+    dtype: str
+    text_layers: int
+    vision_layers: int = 0
+
+    @property
+    def vision(self) -> bool:
+        return self.vision_layers > 0
+
+    @property
+    def fixture(self) -> Path:
+        return FIXTURES / f"{self.name}.config.json"
+
+    def published(self) -> dict[str, Any]:
+        return json.loads(self.fixture.read_text())
+
+
+# Vision towers keep two blocks: the first windowed, the last full attention (the published
+# towers interleave the two kinds), so both attention paths run at the real width.
+SHAPES = {
+    shape.name: shape
+    for shape in (
+        Shape("qwen2.5-vl-3b-instruct", "float32", 1, 2),
+        Shape("qwen2.5-vl-7b-instruct", "float32", 1, 2),
+        Shape("qwen2.5-vl-72b-instruct", "bfloat16", 1, 2),
+        Shape("qwen2.5-0.5b-instruct", "float32", 2),
+        Shape("qwen2.5-1.5b-instruct", "float32", 2),
+        Shape("qwen2.5-7b-instruct", "float32", 1),
+    )
+}
