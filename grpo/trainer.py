@@ -359,9 +359,11 @@ def grouped_logprobs(
     parts = micro_batches(trajectory, groups)
     if len(parts) == 1:
         return compute(trajectory.batch)
-    out = torch.zeros_like(trajectory.loss_mask)  # [n, T]
-    for rows in parts:
-        out[rows] = compute(trajectory.batch.select(rows)).to(out)
+    pieces = [(rows, compute(trajectory.batch.select(rows))) for rows in parts]
+    # the passes' own dtype (float64 models give float64), not the mask's float32
+    out = trajectory.loss_mask.new_zeros(trajectory.loss_mask.shape, dtype=pieces[0][1].dtype)
+    for rows, piece in pieces:
+        out[rows] = piece  # [n_b, T]
     return out
 
 
