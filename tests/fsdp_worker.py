@@ -46,6 +46,10 @@ def fsdp_config(data: Path, out: Path, **overrides: object) -> TrainConfig:
         num_generations=GROUP,
         prompts_per_step=PROMPTS,
         sampler="hf",
+        # one log-prob pass per trajectory on both sides, as a sharded policy takes: the
+        # micro-batched sum (tests/test_prefix.py) rounds differently, and AdamW turns the
+        # rounding noise of zero-gradient weights into steps of up to lr in float32
+        logprob_group_batch=0,
     )
     settings.update(overrides)
     return small_config(data, out, **settings)
