@@ -24,7 +24,7 @@ from models.policy import Policy, make_policy
 from models.tiny import tiny_model_path
 from tests.launch import torchrun
 from tests.text_helpers import TEXT_FAMILIES, tiny_text_model_path
-from tests.training_helpers import small_config, write_ocr_jsonl
+from tests.training_helpers import small_config, train_killed_then_resumed, write_ocr_jsonl
 from tests.vllm_helpers import image_prompts
 
 CPU = torch.device("cpu")
@@ -249,23 +249,8 @@ def test_resume_equals_uninterrupted(
         warmup_steps=1,
     )  # fmt: skip
     train(straight, BACKEND)
-    import grpo.trainer as trainer_module
-
-    real_step, calls = trainer_module.train_step, []
-
-    def killed_at_third_step(trainer):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_step(trainer)
-
+    train_killed_then_resumed(straight, tmp_path / "killed", monkeypatch)
     killed = replace(straight, output_dir=str(tmp_path / "killed"))
-    monkeypatch.setattr(trainer_module, "train_step", killed_at_third_step)
-    with pytest.raises(KeyboardInterrupt):
-        train(killed, BACKEND)
-    monkeypatch.setattr(trainer_module, "train_step", real_step)
-    assert not (tmp_path / "killed" / "checkpoint-4").exists()
-    train(replace(killed, resume=True), BACKEND)
     a = saved_weights(tmp_path / "straight" / "checkpoint-4" / MODEL_DIR)
     b = saved_weights(tmp_path / "killed" / "checkpoint-4" / MODEL_DIR)
     start = saved_weights(tmp_path / "straight" / "checkpoint-2" / MODEL_DIR)

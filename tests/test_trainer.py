@@ -18,7 +18,7 @@ from grpo.trainer import build_trainer, train, train_step
 from models import BACKEND
 from rewards.compute import RewardError
 from tests.launch import ROOT, torchrun
-from tests.training_helpers import PLUGIN, small_config, write_ocr_jsonl
+from tests.training_helpers import PLUGIN, small_config, train_killed_then_resumed, write_ocr_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -98,24 +98,7 @@ def test_resume_equals_uninterrupted(
     )
     train(straight, BACKEND)
 
-    # the same run killed during step 3, after checkpoint-2 was written, then resumed
-    import grpo.trainer as trainer_module
-
-    real_step, calls = trainer_module.train_step, []
-
-    def killed_at_third_step(trainer):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_step(trainer)
-
-    killed = replace(straight, output_dir=str(tmp_path / "killed"))
-    monkeypatch.setattr(trainer_module, "train_step", killed_at_third_step)
-    with pytest.raises(KeyboardInterrupt):
-        train(killed, BACKEND)
-    monkeypatch.setattr(trainer_module, "train_step", real_step)
-    assert not (tmp_path / "killed" / "checkpoint-4").exists()
-    train(replace(killed, resume=True), BACKEND)
+    train_killed_then_resumed(straight, tmp_path / "killed", monkeypatch)
 
     a = adapter_weights(tmp_path / "straight" / "checkpoint-4")
     b = adapter_weights(tmp_path / "killed" / "checkpoint-4")

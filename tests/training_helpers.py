@@ -112,3 +112,31 @@ def script_feature_model(out: Path, strength: float = 0.3) -> Path:
         if (source / name).is_file():
             (out / name).write_bytes((source / name).read_bytes())
     return out
+
+
+def train_killed_then_resumed(straight: TrainConfig, killed_dir: Path, monkeypatch) -> None:
+    """Train `straight` into `killed_dir` as a run killed during step 3 (after checkpoint-2
+    was written, before checkpoint-4), then resumed with --resume to the end."""
+    from dataclasses import replace
+
+    import pytest
+
+    import grpo.trainer as trainer_module
+    from grpo.trainer import train
+    from models import BACKEND
+
+    real_step, calls = trainer_module.train_step, []
+
+    def killed_at_third_step(trainer):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(trainer)
+
+    killed = replace(straight, output_dir=str(killed_dir))
+    monkeypatch.setattr(trainer_module, "train_step", killed_at_third_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(killed, BACKEND)
+    monkeypatch.setattr(trainer_module, "train_step", real_step)
+    assert not (killed_dir / "checkpoint-4").exists()
+    train(replace(killed, resume=True), BACKEND)
