@@ -164,7 +164,8 @@ class Policy:
         rounding). Costs one copy of the adapted weights while sampling; settings
         merge_for_sampling False keeps the adapter as it is."""
         layers = list(lora_linears(self.model).values())
-        if not self.settings.merge_for_sampling or not layers:
+        # sharded (FSDP2): W is a shard that only the root unit gathers, so no merge here
+        if not self.settings.merge_for_sampling or not layers or self.sharded:
             yield
             return
         merged = [merged_weight(layer) for layer in layers]  # before any W is swapped
