@@ -45,6 +45,14 @@ WORKLOADS: dict[str, dict[str, Any]] = {
         "gradient_checkpointing": True,
     },
     "smollm2-lora": {"model": "smollm2", "task": "arith", "prompts": 2, "group": 4, "tokens": 64},
+    "smollm2-lora-nomerge": {
+        "model": "smollm2",
+        "task": "arith",
+        "prompts": 2,
+        "group": 4,
+        "tokens": 64,
+        "merge_for_sampling": False,
+    },
     "smollm2-lora-big": {
         "model": "smollm2",
         "task": "arith",
@@ -234,12 +242,34 @@ def measure(name: str, steps: int) -> dict[str, Any]:
     }
 
 
+def replan(results: Path) -> None:
+    """The plan at this commit beside the newest recorded measurement of each workload (the
+    measurement is the trainer's, which a change to grpo/plan.py does not touch)."""
+    newest: dict[str, dict[str, Any]] = {}
+    for line in results.read_text().splitlines():
+        record = json.loads(line)
+        if record.get("bench") == "plan_check" and "phase_peak_rss_bytes" in record:
+            newest[record["workload"]] = record
+    for name, record in newest.items():
+        plan = planned(WORKLOADS[name], record)
+        ratio = plan.peak / record["peak_rss_bytes"]
+        row = {"workload": name, "measured_commit": record["commit"][:7], "steps": record["steps"]}
+        row |= {"measured": record["peak_rss_bytes"], "plan": plan.peak, "ratio": round(ratio, 3)}
+        print(json.dumps(row))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workload", action="append", choices=sorted(WORKLOADS))
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--replan", action="store_true", help="re-plan the recorded measurements, run nothing"
+    )
     args = parser.parse_args(argv)
+    if args.replan:
+        replan(Path(ROOT) / "bench" / "results.jsonl")
+        return
     if args.worker:
         print(json.dumps(run_worker(WORKLOADS[args.worker], args.steps)), flush=True)
         return
