@@ -12,7 +12,7 @@ dim, r LoRA rank; N = prompts_per_step * G rows per rank, L = Lp + T positions p
 M = N * T scored tokens; E bytes per element of the model dtype (4 float32, 2 bf16), W GPUs,
 S = W with --fsdp (the shard divisor), 1 without.
 
-Per GPU (peak = persistent + the larger of the sampling and the training phase):
+Per GPU (peak = persistent + the largest of the loading, sampling and training phases):
 - weights        P E / S; with --fsdp plus the gathered root (embeddings, head) and two
                  gathered blocks (the one computing, the one prefetched)
 - LoRA           sum over targeted Linear(i, o) of r (i + o), float32 (peft keeps adapters in
@@ -21,16 +21,26 @@ Per GPU (peak = persistent + the larger of the sampling and the training phase):
                  language model; the vision tower only with --lora-vision, as models/full.py)
 - optimizer      torch AdamW: exp_avg and exp_avg_sq in the parameter's dtype (our trainer keeps
                  no float32 master copy), / S
-- activations    `saved_per_token_layer` * N L Y (+ the last hidden states), or with gradient
-                 checkpointing E H N L Y (each block's input) + one block recomputed
-- log-prob chunk the lean completion-only pass: at most C = min(chunk_tokens, M) rows of float32
+- activations    of one micro-batch of g = logprob_group_batch whole groups (all rows at 0 and
+                 under --fsdp): prefix-shared (each group's prompt once, models/prefix.py)
+                 `saved_per_token_layer` over g Lp prompt tokens + g G T completion tokens
+                 attending over Lp + T, their cached prompt keys and values, and the KV cache
+                 (`prefix_activation_bytes`); padded under --gradient-checkpointing or
+                 --packing: over g G rows of L, with checkpointing E H g G L Y (each block's
+                 input) + one block recomputed. The reference pass (no grad) keeps none.
+- log-prob chunk the lean completion-only pass over a micro-batch's M = g G T tokens: at most
+                 C = min(chunk_tokens, M) rows of float32
                  [C, V] logits alive, two in the forward (logits and exp for the entropy), one
                  (+ its E-byte cast) in the backward; plus the [M, H] hidden states it keeps
 - reference      LoRA: the adapter switched off, no bytes; full fine-tuning at beta > 0 a frozen
                  copy P E / S
 - sampler        vLLM: its own weight copy P E / tp plus its KV cache (CPU: the fixed 1 GiB our
                  sampler asks for; GPU: gpu_memory_utilization * GPU memory for the whole engine);
-                 transformers: the decoding KV cache 2 Y N k d L E during the sampling phase
+                 transformers (the sampling phase): the KV cache 2 Y N k d L E of all N rows,
+                 one decode step's [N, V] logits, scores, exp and float64 CDF, and for LoRA the
+                 merged W + s B A of every adapted weight (models/policy.py merged_for_sampling)
+- loading        CPU: the checkpoint's mapped pages P x (its stored bytes) beside the model
+                 while they are converted to another dtype (none when stored as loaded)
 - baseline       CPU: the process after importing torch, transformers and peft (measured) and a
                  tokenizer; GPU: a CUDA context
 """
