@@ -248,7 +248,7 @@ def replan(results: Path) -> None:
     newest: dict[str, dict[str, Any]] = {}
     for line in results.read_text().splitlines():
         record = json.loads(line)
-        if record.get("bench") == "plan_check" and "phase_peak_rss_bytes" in record:
+        if record.get("bench") == "plan_check" and "prompt_width" in record:
             newest[record["workload"]] = record
     for name, record in newest.items():
         plan = planned(WORKLOADS[name], record)
