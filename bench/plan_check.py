@@ -21,6 +21,10 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -41,6 +45,14 @@ WORKLOADS: dict[str, dict[str, Any]] = {
         "gradient_checkpointing": True,
     },
     "smollm2-lora": {"model": "smollm2", "task": "arith", "prompts": 2, "group": 4, "tokens": 64},
+    "smollm2-lora-nomerge": {
+        "model": "smollm2",
+        "task": "arith",
+        "prompts": 2,
+        "group": 4,
+        "tokens": 64,
+        "merge_for_sampling": False,
+    },
     "smollm2-lora-big": {
         "model": "smollm2",
         "task": "arith",
@@ -107,16 +119,56 @@ def train_config(spec: dict[str, Any], output_dir: str) -> Any:
     )
 
 
+class PhaseRss:
+    """The largest RSS seen in each phase of a step: a thread reads /proc/self/statm every
+    2 ms and files it under the innermost open Stopwatch phase (`build` while loading)."""
+
+    def __init__(self) -> None:
+        self.stack = ["build"]
+        self.peaks: dict[str, int] = {}
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.running = True
+        self.thread = threading.Thread(target=self.watch, daemon=True)
+
+    def watch(self) -> None:
+        while self.running:
+            with open("/proc/self/statm") as f:
+                rss = int(f.read().split()[1]) * self.page
+            name = self.stack[-1]
+            self.peaks[name] = max(self.peaks.get(name, 0), rss)
+            time.sleep(0.002)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        self.stack.append(name)
+        try:
+            yield
+        finally:
+            self.stack.pop()
+
+
 def run_worker(spec: dict[str, Any], steps: int) -> dict[str, Any]:
-    """Build a trainer, run `steps` steps, report the peak RSS and the batches' widths."""
+    """Build a trainer, run `steps` steps, report the peak RSS (overall and per phase) and the
+    batches' widths."""
     import models  # noqa: F401  (torchvision shim first)
-    from grpo import distributed
+    from grpo import distributed, metrics
     from grpo.trainer import build_trainer, train_step
     from models import BACKEND
 
+    watcher = PhaseRss()
+    original_timer = metrics.Stopwatch.__call__
+
+    @contextmanager
+    def timed(self: Any, name: str) -> Iterator[None]:
+        with watcher.phase(name), original_timer(self, name):
+            yield
+
+    metrics.Stopwatch.__call__ = timed  # type: ignore[method-assign]
+    watcher.thread.start()
     widths: list[tuple[int, int]] = []
     with tempfile.TemporaryDirectory() as out:
         trainer = build_trainer(train_config(spec, out), distributed.init_distributed(), BACKEND)
+        watcher.stack[0] = "step"
         built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         policy, original = trainer.policy, trainer.policy.rollout_batch
 
@@ -128,7 +180,9 @@ def run_worker(spec: dict[str, Any], steps: int) -> dict[str, Any]:
         policy.rollout_batch = recording
         for _ in range(steps):
             train_step(trainer)
+    watcher.running = False
     return {
+        "phase_peak_rss_bytes": watcher.peaks,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "build_peak_rss_bytes": built,
         "prompt_width": max(p for p, _ in widths),
@@ -153,6 +207,10 @@ def planned(spec: dict[str, Any], measured: dict[str, Any]) -> Any:
         gradient_checkpointing=bool(spec.get("gradient_checkpointing", False)),
         dtype="float32",
         logprob_chunk_tokens=defaults.logprob_chunk_tokens,
+        logprob_group_batch=spec.get("logprob_group_batch", defaults.logprob_group_batch),
+        packing=spec.get("packing", defaults.packing),
+        prefix_sharing=spec.get("prefix_sharing", defaults.prefix_sharing),
+        merge_for_sampling=spec.get("merge_for_sampling", defaults.merge_for_sampling),
         beta=spec.get("beta", defaults.beta),
         sampler="hf",
     )
@@ -175,8 +233,29 @@ def measure(name: str, steps: int) -> dict[str, Any]:
         **measured,
         "plan_peak_bytes": plan.peak,
         "plan_over_measured": round(plan.peak / measured["peak_rss_bytes"], 3),
-        "plan_parts": {**plan.persistent, **plan.sampling, **plan.training},
+        "plan_phases": {
+            "loading": sum(plan.persistent.values()) + sum(plan.loading.values()),
+            "sampling": sum(plan.persistent.values()) + sum(plan.sampling.values()),
+            "training": sum(plan.persistent.values()) + sum(plan.training.values()),
+        },
+        "plan_parts": {**plan.persistent, **plan.sampling, **plan.training, **plan.loading},
     }
+
+
+def replan(results: Path) -> None:
+    """The plan at this commit beside the newest recorded measurement of each workload (the
+    measurement is the trainer's, which a change to grpo/plan.py does not touch)."""
+    newest: dict[str, dict[str, Any]] = {}
+    for line in results.read_text().splitlines():
+        record = json.loads(line)
+        if record.get("bench") == "plan_check" and "prompt_width" in record:
+            newest[record["workload"]] = record
+    for name, record in newest.items():
+        plan = planned(WORKLOADS[name], record)
+        ratio = plan.peak / record["peak_rss_bytes"]
+        row = {"workload": name, "measured_commit": record["commit"][:7], "steps": record["steps"]}
+        row |= {"measured": record["peak_rss_bytes"], "plan": plan.peak, "ratio": round(ratio, 3)}
+        print(json.dumps(row))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -184,7 +263,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workload", action="append", choices=sorted(WORKLOADS))
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--replan", action="store_true", help="re-plan the recorded measurements, run nothing"
+    )
     args = parser.parse_args(argv)
+    if args.replan:
+        replan(Path(ROOT) / "bench" / "results.jsonl")
+        return
     if args.worker:
         print(json.dumps(run_worker(WORKLOADS[args.worker], args.steps)), flush=True)
         return

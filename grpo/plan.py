@@ -12,7 +12,7 @@ dim, r LoRA rank; N = prompts_per_step * G rows per rank, L = Lp + T positions p
 M = N * T scored tokens; E bytes per element of the model dtype (4 float32, 2 bf16), W GPUs,
 S = W with --fsdp (the shard divisor), 1 without.
 
-Per GPU (peak = persistent + the larger of the sampling and the training phase):
+Per GPU (peak = persistent + the largest of the loading, sampling and training phases):
 - weights        P E / S; with --fsdp plus the gathered root (embeddings, head) and two
                  gathered blocks (the one computing, the one prefetched)
 - LoRA           sum over targeted Linear(i, o) of r (i + o), float32 (peft keeps adapters in
@@ -21,16 +21,26 @@ Per GPU (peak = persistent + the larger of the sampling and the training phase):
                  language model; the vision tower only with --lora-vision, as models/full.py)
 - optimizer      torch AdamW: exp_avg and exp_avg_sq in the parameter's dtype (our trainer keeps
                  no float32 master copy), / S
-- activations    `saved_per_token_layer` * N L Y (+ the last hidden states), or with gradient
-                 checkpointing E H N L Y (each block's input) + one block recomputed
-- log-prob chunk the lean completion-only pass: at most C = min(chunk_tokens, M) rows of float32
+- activations    of one micro-batch of g = logprob_group_batch whole groups (all rows at 0 and
+                 under --fsdp): prefix-shared (each group's prompt once, models/prefix.py)
+                 `saved_per_token_layer` over g Lp prompt tokens + g G T completion tokens
+                 attending over Lp + T, their cached prompt keys and values, and the KV cache
+                 (`prefix_activation_bytes`); padded under --gradient-checkpointing or
+                 --packing: over g G rows of L, with checkpointing E H g G L Y (each block's
+                 input) + one block recomputed. The reference pass (no grad) keeps none.
+- log-prob chunk the lean completion-only pass over a micro-batch's M = g G T tokens: at most
+                 C = min(chunk_tokens, M) rows of float32
                  [C, V] logits alive, two in the forward (logits and exp for the entropy), one
                  (+ its E-byte cast) in the backward; plus the [M, H] hidden states it keeps
 - reference      LoRA: the adapter switched off, no bytes; full fine-tuning at beta > 0 a frozen
                  copy P E / S
 - sampler        vLLM: its own weight copy P E / tp plus its KV cache (CPU: the fixed 1 GiB our
                  sampler asks for; GPU: gpu_memory_utilization * GPU memory for the whole engine);
-                 transformers: the decoding KV cache 2 Y N k d L E during the sampling phase
+                 transformers (the sampling phase): the KV cache 2 Y N k d L E of all N rows,
+                 one decode step's [N, V] logits, scores, exp and float64 CDF, and for LoRA the
+                 merged W + s B A of every adapted weight (models/policy.py merged_for_sampling)
+- loading        CPU: the checkpoint's mapped pages P x (its stored bytes) beside the model
+                 while they are converted to another dtype (none when stored as loaded)
 - baseline       CPU: the process after importing torch, transformers and peft (measured) and a
                  tokenizer; GPU: a CUDA context
 """
@@ -105,6 +115,7 @@ class Architecture:
     mlp_bias: bool
     tied: bool
     vision: VisionTower | None = None
+    stored_bytes: int = 4  # bytes per element in the checkpoint (config.json's dtype)
 
 
 def resolve_config(model: str) -> Path:
@@ -166,8 +177,18 @@ def architecture(config: dict[str, Any]) -> Architecture:
         o_bias=attention_bias,
         mlp_bias=bool(text.get("mlp_bias", False)),
         tied=bool(tied),
+        stored_bytes=stored_bytes(config),
         vision=vision_tower(config["vision_config"]) if "vision_config" in config else None,
     )
+
+
+def stored_bytes(config: dict[str, Any]) -> int:
+    """Bytes per element of the checkpoint's tensors: config.json's dtype (transformers 5) or
+    torch_dtype; float32 when neither is given."""
+    name = str(config.get("dtype") or config.get("torch_dtype") or "float32")
+    if name not in DTYPE_BYTES:
+        raise PlanError(f"config.json: dtype {name!r} is not one of {sorted(DTYPE_BYTES)}")
+    return DTYPE_BYTES[name]
 
 
 def load_architecture(model: str) -> Architecture:
@@ -335,6 +356,39 @@ def activation_bytes(
     return a.layers * layer + ends
 
 
+def prefix_activation_bytes(
+    a: Architecture,
+    groups: int,
+    group_size: int,
+    prompt: int,
+    completion: int,
+    e: int,
+    lora_r: int,
+    attention: str,
+    lora_cast: bool | None = None,
+) -> int:
+    """Saved activations of one prefix-shared pass (models/prefix.py) over `groups` whole
+    groups of G rows: the prefill of the groups' prompts (groups x Lp tokens, attending over
+    Lp) and the continuation of the N = groups G rows' completions (N x T tokens, attending
+    over Lp + T), each with the model output and final norm input as `activation_bytes`.
+    A continuation row's attention also keeps the keys and values of its Lp cached prompt
+    positions repeated to h heads (2 E h d per position and layer), and the KV cache handed
+    to the rows, [N, k, Lp + T, d] keys and values per layer, is alive until the pass ends."""
+    rows = groups * group_size
+    prefill = activation_bytes(a, groups, prompt, e, lora_r, False, attention, lora_cast)
+    per_token = saved_per_token_layer(a, prompt + completion, e, lora_r, attention, lora_cast)
+    tokens = rows * completion
+    continuation = a.layers * per_token * tokens + (e + 4) * a.hidden * tokens
+    cached_keys = a.layers * rows * prompt * 2 * e * a.heads * a.head_dim
+    cache = kv_cache_bytes(a, rows, prompt + completion, e)
+    return prefill + continuation + cached_keys + cache
+
+
+def kv_cache_bytes(a: Architecture, rows: int, length: int, e: int) -> int:
+    """Keys and values of every layer: 2 Y rows k d L E."""
+    return 2 * a.layers * rows * a.kv_heads * a.head_dim * length * e
+
+
 def logprob_bytes(a: Architecture, scored: int, chunk_tokens: int, e: int) -> int:
     """The chunked completion-only log-prob pass (models/logprobs.py): the [M, H] hidden states
     it gathers, and its largest moment: two float32 [C, V] tensors in the forward with entropy
@@ -369,6 +423,10 @@ class Workload:
     dtype: str | None = None  # None: bf16 on GPU, float32 on CPU (as the trainer does)
     attention: str = "sdpa"
     logprob_chunk_tokens: int = 1024
+    logprob_group_batch: int = 1  # whole groups per log-prob micro-batch (0: all rows)
+    packing: bool = False
+    prefix_sharing: bool = True
+    merge_for_sampling: bool = True
     beta: float = 0.04
     sampler: str = "vllm"
     vllm_gpu_memory_utilization: float = 0.3
@@ -406,6 +464,20 @@ class Workload:
     def shards(self) -> int:
         return max(self.gpus, 1) if self.fsdp else 1
 
+    @property
+    def prefix_shared(self) -> bool:
+        """The trainer's layout (models/policy.py prefix_shared): each group's prompt once,
+        unless --packing or --gradient-checkpointing keep the padded pass."""
+        return self.prefix_sharing and not self.packing and not self.gradient_checkpointing
+
+    @property
+    def micro_groups(self) -> int:
+        """Groups per log-prob micro-batch (grpo/trainer.py logprob_groups): all of them at
+        logprob_group_batch 0 or under --fsdp (one pass per trajectory)."""
+        if self.fsdp or self.logprob_group_batch <= 0:
+            return self.prompts_per_step
+        return min(self.logprob_group_batch, self.prompts_per_step)
+
 
 @dataclass
 class Plan:
@@ -417,11 +489,13 @@ class Plan:
     persistent: dict[str, int] = field(default_factory=dict)
     sampling: dict[str, int] = field(default_factory=dict)
     training: dict[str, int] = field(default_factory=dict)
+    loading: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     @property
     def peak(self) -> int:
-        phase = max(sum(self.sampling.values()), sum(self.training.values()))
+        phases = (self.loading, self.sampling, self.training)
+        phase = max(sum(parts.values()) for parts in phases)
         return sum(self.persistent.values()) + phase
 
     @property
@@ -498,25 +572,62 @@ def sampler_parts(a: Architecture, w: Workload, total: int) -> dict[str, int]:
 
 def phase_parts(a: Architecture, w: Workload, trainable: int) -> tuple[dict, dict]:
     """(sampling, training): the transient parts of the two phases of a step."""
-    e, rows = w.compute_bytes, w.prompts_per_step * w.num_generations
-    length = w.max_prompt_length + w.max_completion_length
-    sampling = {}
-    if w.sampler == "hf":  # the decoding KV cache of the transformers sampler
-        sampling["hf kv cache"] = 2 * a.layers * rows * a.kv_heads * a.head_dim * length * e
-        sampling["hf logits"] = 4 * rows * a.vocab
+    e = w.compute_bytes
+    sampling = sampling_parts(a, w) if w.sampler == "hf" else {}
+    groups = w.micro_groups  # per log-prob micro-batch and backward
+    rows, lp, t = groups * w.num_generations, w.max_prompt_length, w.max_completion_length
     lora_r = 0 if w.full else w.lora_r
+    if w.prefix_shared:
+        saved = prefix_activation_bytes(
+            a, groups, w.num_generations, lp, t, e, lora_r, w.attention, w.lora_cast
+        )
+    else:  # the padded pass (checkpointing, packing: an upper bound for the packed one)
+        saved = activation_bytes(
+            a, rows, lp + t, e, lora_r, w.gradient_checkpointing, w.attention, w.lora_cast
+        )
     training = {
-        "activations": activation_bytes(
-            a, rows, length, e, lora_r, w.gradient_checkpointing, w.attention, w.lora_cast
-        ),
-        "log-prob chunks": logprob_bytes(
-            a, rows * w.max_completion_length, w.logprob_chunk_tokens, e
-        ),
+        "activations": saved,
+        "log-prob chunks": logprob_bytes(a, rows * t, w.logprob_chunk_tokens, e),
         "gradients": 0
         if w.fsdp_cpu_offload
         else trainable * (w.element_bytes if w.full else 4) // w.shards,
     }
     return sampling, training
+
+
+def sampling_parts(a: Architecture, w: Workload) -> dict[str, int]:
+    """The transformers sampler (models/generation.py) over all N rows of the step: the KV
+    cache of Lp + T positions, one decode step's [N, V] logits (E), float32 scores (a copy
+    when E < 4), their exp and its float64 cumulative sum; and, for LoRA with
+    merge_for_sampling, W + s B A of every adapted Linear(i, o) swapped in beside W (E i o
+    each) plus the float32 B A of the largest one being formed."""
+    e, rows = w.compute_bytes, w.prompts_per_step * w.num_generations
+    length = w.max_prompt_length + w.max_completion_length
+    parts = {
+        "hf kv cache": kv_cache_bytes(a, rows, length, e),
+        "hf decode scores": rows * a.vocab * (e + (4 if e != 4 else 0) + 4 + 8),
+    }
+    if not w.full and w.merge_for_sampling:
+        shapes = [*lm_linears(a).values()]
+        count = a.layers * sum(i * o for i, o in shapes)
+        if w.lora_vision and a.vision:
+            shapes += [*vision_linears(a.vision).values()]
+            count += a.vision.depth * sum(i * o for i, o in vision_linears(a.vision).values())
+        largest = max(i * o for i, o in shapes)
+        parts["merged lora weights"] = count * w.element_bytes // w.shards + 4 * largest
+    return parts
+
+
+def loading_parts(a: Architecture, w: Workload) -> dict[str, int]:
+    """Loading (build_trainer) on the CPU: from_pretrained reads the checkpoint through a
+    memory map. Stored in the dtype it is loaded in, the model's tensors are those mapped
+    pages (the weights part; measured: SmolLM2's float32 build peaks below baseline +
+    weights, the pages not yet all touched). Stored in another dtype, the pages (P bytes of
+    the stored dtype) are resident beside the converted tensors while they are copied. On a
+    GPU the host holds them, not the device."""
+    if not w.on_cpu or a.stored_bytes == w.element_bytes:
+        return {}
+    return {"checkpoint pages (while loading)": parameter_count(a) * a.stored_bytes}
 
 
 def host_bytes(a: Architecture, w: Workload) -> int:
@@ -529,24 +640,32 @@ def host_bytes(a: Architecture, w: Workload) -> int:
     return sum(kept.get(name, 0) for name in offloaded) + gradients
 
 
+def activation_note(a: Architecture, w: Workload) -> str:
+    """The saved activations of one micro-batch in each layout the trainer can take."""
+    groups, g = w.micro_groups, w.num_generations
+    lp, t, e, r = w.max_prompt_length, w.max_completion_length, w.compute_bytes, w.lora_r
+    r = 0 if w.full else r
+    shared = prefix_activation_bytes(a, groups, g, lp, t, e, r, w.attention, w.lora_cast)
+    padded = [
+        activation_bytes(a, groups * g, lp + t, e, r, gc, w.attention, w.lora_cast)
+        for gc in (False, True)
+    ]
+    return (
+        f"activations per micro-batch of {groups} group(s): prefix-shared {gib(shared).strip()}"
+        f", padded {gib(padded[0]).strip()}, padded with checkpointing {gib(padded[1]).strip()}"
+    )
+
+
 def make_plan(a: Architecture, w: Workload) -> Plan:
     check(w)
     trainable = trained_count(a, w.full, w.lora_r, w.lora_vision)
     sampling, training = phase_parts(a, w, trainable)
     plan = Plan(w, parameter_count(a), trainable, persistent_parts(a, w, trainable))
     plan.sampling, plan.training = sampling, training
+    plan.loading = loading_parts(a, w)
     if w.on_cpu:
         plan.notes.append("CPU: the peak is the process's peak RSS (ru_maxrss)")
-    rows = w.prompts_per_step * w.num_generations
-    length = w.max_prompt_length + w.max_completion_length
-    lora_r = 0 if w.full else w.lora_r
-    sizes = [
-        activation_bytes(a, rows, length, w.compute_bytes, lora_r, gc, w.attention, w.lora_cast)
-        for gc in (False, True)
-    ]
-    plan.notes.append(
-        f"activations without / with checkpointing: {gib(sizes[0])} / {gib(sizes[1])}"
-    )
+    plan.notes.append(activation_note(a, w))
     if w.fsdp_cpu_offload:
         plan.notes.append(
             f"--fsdp-cpu-offload: host memory per GPU {gib(host_bytes(a, w)).strip()}"
@@ -583,6 +702,7 @@ def render(plan: Plan, model: str) -> str:
         ("persistent", plan.persistent),
         ("sampling", plan.sampling),
         ("training", plan.training),
+        ("loading", plan.loading),
     ):
         lines.append(f"  {title}:")
         lines += [f"    {name:32s}{gib(size)}" for name, size in parts.items()]
@@ -619,6 +739,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, Workload, bool]:
     p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default=None)
     p.add_argument("--attention", default="sdpa", help="sdpa | eager | flash_attention_2")
     p.add_argument("--logprob-chunk-tokens", type=int, default=1024)
+    p.add_argument("--logprob-group-batch", type=int, default=1, help="groups (0: all rows)")
+    p.add_argument("--packing", action="store_true")
+    p.add_argument("--no-prefix-sharing", action="store_true")
+    p.add_argument("--no-merge-for-sampling", action="store_true")
     p.add_argument("--beta", type=float, default=0.04)
     p.add_argument("--sampler", default="vllm", help="vllm | hf")
     p.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.3)
@@ -642,6 +766,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, Workload, bool]:
         dtype=args.dtype,
         attention=args.attention,
         logprob_chunk_tokens=args.logprob_chunk_tokens,
+        logprob_group_batch=args.logprob_group_batch,
+        packing=args.packing,
+        prefix_sharing=not args.no_prefix_sharing,
+        merge_for_sampling=not args.no_merge_for_sampling,
         beta=args.beta,
         sampler=args.sampler,
         vllm_gpu_memory_utilization=args.vllm_gpu_memory_utilization,
@@ -657,6 +785,7 @@ def as_json(plan: Plan) -> dict[str, Any]:
         "persistent": plan.persistent,
         "sampling": plan.sampling,
         "training": plan.training,
+        "loading": plan.loading,
         "peak": plan.peak,
         "fits": None if plan.capacity is None else plan.peak <= plan.capacity,
     }
