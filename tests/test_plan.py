@@ -417,13 +417,14 @@ def plan_check(workload: str) -> dict:
         "tiny-lora-gc",
         "tiny-full",
         "smollm2-lora",
-        "smollm2-lora-nomerge",
-        "smollm2-lora-big",
         "smollm2-full",
         "shaped3b-lora",
     ],
 )
 def test_plan_peak_within_25_percent_of_measured_rss(workload: str) -> None:
+    """bench/plan_check.py also measures smollm2-lora-nomerge (a diagnosis, the same peak) and
+    smollm2-lora-big (4 x 8 rows: plan/measured 0.75 at one step, on the edge; its update peak
+    is not yet explained, README "Scaling"): not here, to keep CI's time."""
     record = plan_check(workload)
     assert 0.75 <= record["plan_over_measured"] <= 1.25, record
 
