@@ -212,6 +212,28 @@ def _decode_step(
     return unwrap(model).lm_head(out.last_hidden_state[:, -1])
 
 
+def _start_groups(
+    model: Any, prompts: PromptBatch, n: int, image_features: list[torch.Tensor] | None
+) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
+    """Prefill each prompt once and hand it to its n rows: first logits [N, V], the KV cache
+    repeated n times, next positions [N], attention mask [N, Lp]."""
+    hidden, cache, position = _prefill(model, prompts, image_features)  # [P, H], cache, [P]
+    logits = unwrap(model).lm_head(hidden).repeat_interleave(n, dim=0)  # [N, V]
+    cache.batch_repeat_interleave(n)
+    position = position.repeat_interleave(n)  # [N]
+    mask = prompts.attention_mask.repeat_interleave(n, dim=0)  # [N, Lp]
+    return logits, cache, position, mask
+
+
+def _cut(tokens: torch.Tensor, logps: torch.Tensor, lengths: torch.Tensor) -> Completions:
+    """Rows of tokens [N, W] and logps [N, W] cut at their lengths [N]."""
+    ends = lengths.long().tolist()
+    return Completions(
+        [row[:end] for row, end in zip(tokens.tolist(), ends, strict=True)],
+        [row[:end] for row, end in zip(logps.tolist(), ends, strict=True)],
+    )
+
+
 @torch.no_grad()
 def sample_completions(
     model: Any,
@@ -233,11 +255,7 @@ def sample_completions(
     if synced:
         return synced_sample(model, prompts, n, settings, stop_ids, suppressed, image_features)
     device, width = prompts.input_ids.device, settings.max_new_tokens
-    hidden, cache, position = _prefill(model, prompts, image_features)  # [P, H], cache, [P]
-    logits = unwrap(model).lm_head(hidden).repeat_interleave(n, dim=0)  # [N, V]
-    cache.batch_repeat_interleave(n)
-    position = position.repeat_interleave(n)  # [A] next position of each active row
-    mask = prompts.attention_mask.repeat_interleave(n, dim=0)  # [A, Lp]
+    logits, cache, position, mask = _start_groups(model, prompts, n, image_features)
     active = torch.arange(mask.shape[0], device=device)  # [A] output row of each active row
 
     stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
@@ -258,11 +276,7 @@ def sample_completions(
         if t + 1 < width:
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)  # [A, Lp + t + 1]
             logits = _decode_step(model, token, mask, position + t, cache)  # [A, V]
-    ends = lengths.tolist()
-    return Completions(
-        [row[:end] for row, end in zip(tokens.tolist(), ends, strict=True)],
-        [row[:end] for row, end in zip(logps.tolist(), ends, strict=True)],
-    )
+    return _cut(tokens, logps, lengths)
 
 
 def _anyone_decoding(going: bool, device: torch.device) -> bool:
@@ -292,11 +306,7 @@ def synced_sample(
     of forwards, so the blocks' all-gathers pair up.
     """
     device, width = prompts.input_ids.device, settings.max_new_tokens
-    hidden, cache, position = _prefill(model, prompts, image_features)  # [P, H], cache, [P]
-    logits = unwrap(model).lm_head(hidden).repeat_interleave(n, dim=0)  # [N, V]
-    cache.batch_repeat_interleave(n)
-    position = position.repeat_interleave(n)  # [N]
-    mask = prompts.attention_mask.repeat_interleave(n, dim=0)  # [N, Lp]
+    logits, cache, position, mask = _start_groups(model, prompts, n, image_features)
     stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     tokens = torch.zeros(mask.shape[0], width, dtype=torch.long, device=device)  # [N, W]
     logps = torch.zeros(mask.shape[0], width, device=device)  # [N, W]
@@ -311,8 +321,4 @@ def synced_sample(
             break
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)  # [N, Lp + t + 1]
         logits = _decode_step(model, token, mask, position + t, cache)  # [N, V]
-    ends = lengths.long().tolist()
-    return Completions(
-        [row[:end] for row, end in zip(tokens.tolist(), ends, strict=True)],
-        [row[:end] for row, end in zip(logps.tolist(), ends, strict=True)],
-    )
+    return _cut(tokens, logps, lengths)
