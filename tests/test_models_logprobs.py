@@ -33,6 +33,7 @@ from models.logprobs import (
     unwrap,
 )
 from models.policy import Policy
+from models.prefix import prefix_shared_logprobs
 from models.samplers import TransformersSampler
 from tests.naive import generate_kwargs, hf_generate, naive_completion_logprobs
 
@@ -351,7 +352,8 @@ def test_adapter_disabled_equals_fresh_base_model(
     sharpen(base)
     features = policy.image_features(batch.prompts)
     with torch.no_grad():
-        base_logp = completion_logprobs(base, batch, suppressed=policy.suppressed).logp
+        # in the policy's own (default, prefix-shared) layout: bitwise, not within rounding
+        base_logp = prefix_shared_logprobs(base, batch, suppressed=policy.suppressed).logp
         adapted = policy.logprobs(batch, 1.0).logp
     reference = policy.reference_logprobs(batch, 1.0)
     reference_cached = policy.reference_logprobs(batch, 1.0, image_features=features)
