@@ -108,13 +108,16 @@ def loss_and_grads(
     return out.logp, out.entropy, ref, loss.detach(), *[p.grad.clone() for p in lora]
 
 
-@pytest.mark.parametrize("family", TEXT_FAMILIES)
-@pytest.mark.parametrize("capacity_all", [False, True])
-def test_packed_equals_padded(family: str, capacity_all: bool) -> None:
-    policy = text_policy(family, scale=0.3)
-    batch = ragged_batch(policy)
-    padded = loss_and_grads(policy, batch, packing=False)
-    packed = loss_and_grads(policy, batch, packing=True, capacity_all=capacity_all)
+def assert_packed_equals_padded(
+    policy: Policy,
+    batch: RolloutBatch,
+    capacity_all: bool,
+    features: list[torch.Tensor] | None = None,
+) -> None:
+    """Packed log-probs, entropy, reference, loss and LoRA gradients equal the padded ones,
+    with at least one bin holding several rows and a non-trivial loss and gradient."""
+    padded = loss_and_grads(policy, batch, False, features=features)
+    packed = loss_and_grads(policy, batch, True, capacity_all, features)
     bins = pack_rows(batch.input_ids, batch.attention_mask, capacity(policy, batch, capacity_all))
     assert bins.input_ids.shape[0] < batch.num_rows  # some bin holds several rows
     assert padded[3].abs() > 1e-3 and all(g.abs().sum() > 0 for g in padded[4:])
@@ -122,6 +125,14 @@ def test_packed_equals_padded(family: str, capacity_all: bool) -> None:
         assert_close(b, a, **TOL)
     for a, b in zip(padded[4:], packed[4:], strict=True):  # d loss / d LoRA weights
         assert_close(b, a, **GRAD_TOL)
+
+
+@pytest.mark.parametrize("family", TEXT_FAMILIES)
+@pytest.mark.parametrize("capacity_all", [False, True])
+def test_packed_equals_padded(family: str, capacity_all: bool) -> None:
+    policy = text_policy(family, scale=0.3)
+    batch = ragged_batch(policy)
+    assert_packed_equals_padded(policy, batch, capacity_all)
 
 
 def test_policy_flag_routes_through_packing() -> None:
@@ -219,15 +230,7 @@ def test_vision_language_packed_equals_padded(
     batch = image_batch(policy, images)
     features = policy.image_features(batch.prompts)
     assert (features is not None) == cached_features
-    padded = loss_and_grads(policy, batch, False, features=features)
-    packed = loss_and_grads(policy, batch, True, capacity_all, features)
-    bins = pack_rows(batch.input_ids, batch.attention_mask, capacity(policy, batch, capacity_all))
-    assert bins.input_ids.shape[0] < batch.num_rows  # some bin holds several rows
-    assert padded[3].abs() > 1e-3 and all(g.abs().sum() > 0 for g in padded[4:])
-    for a, b in zip(padded[:4], packed[:4], strict=True):  # logp, entropy, ref, loss
-        assert_close(b, a, **TOL)
-    for a, b in zip(padded[4:], packed[4:], strict=True):  # d loss / d LoRA weights
-        assert_close(b, a, **GRAD_TOL)
+    assert_packed_equals_padded(policy, batch, capacity_all, features)
 
 
 def test_vision_language_packed_positions_are_the_padded_rope_index(
