@@ -43,6 +43,10 @@ Per GPU (peak = persistent + the largest of the loading, sampling and training p
                  while they are converted to another dtype (none when stored as loaded)
 - baseline       CPU: the process after importing torch, transformers and peft (measured) and a
                  tokenizer; GPU: a CUDA context
+
+On the CPU the figures are tensors alive at once; the process's RSS follows them because the
+trainer fixes glibc's mmap threshold (grpo/host_heap.py). Under glibc's default growing
+threshold freed activations stay resident in its arenas and the measured peak runs ~20% over.
 """
 
 from __future__ import annotations
