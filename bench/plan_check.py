@@ -218,7 +218,10 @@ def planned(spec: dict[str, Any], measured: dict[str, Any]) -> Any:
 
 
 def measure(name: str, steps: int) -> dict[str, Any]:
-    """Run the workload in a fresh interpreter and set the plan beside its figures."""
+    """Run the workload in a fresh interpreter and set the plan beside its figures. A shaped
+    model is built (or found) here first: building it in the worker would add the random
+    model's construction to the measured peak."""
+    model_path(WORKLOADS[name]["model"])
     command = [sys.executable, os.path.abspath(__file__), "--worker", name, "--steps", str(steps)]
     env = {**os.environ, "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
