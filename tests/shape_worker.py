@@ -14,17 +14,20 @@ test asserts. Its only output is OUT/result.json:
   stages                  RSS now and peak RSS (GiB) and seconds after each stage
   peak_rss_gib, seconds
 
-The built checkpoint and the export are deleted at the end: at real widths they are GBs each.
+The worker runs its two halves in a child process each (`--train`: build, train, sync, save;
+`--reload`: export and reload), so that the export's two fresh copies of the model do not
+stack on what the training half's vLLM engine still holds; the peak is the larger child's.
+The built model, the checkpoint and the export are deleted as soon as they are used: at real
+widths they are GBs each.
 """
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import json
 import math
 import resource
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -83,13 +86,6 @@ def rss_now_gib() -> float:
 def peak_rss_gib() -> float:
     """This process's peak resident set so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def release() -> None:
-    """Collect the dropped objects and hand glibc's free heap back to the machine, so the next
-    stage starts from what is really held (malloc keeps freed arenas otherwise)."""
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def step_config(shape: Shape, model: Path, work: Path) -> TrainConfig:
@@ -211,24 +207,54 @@ def reload_export(shape: Shape, ckpt: Path, out: Path, want: list[int], stage: S
     return result
 
 
-def main(name: str, out: Path) -> None:
+def train_main(name: str, out: Path) -> None:
+    """The first child: build the model, train, sync, save; report into OUT/train.json."""
     shape, stage = SHAPES[name], Stages()
-    stage("start")
     model = shaped_model_path(
         shape.published(), shape.text_layers, shape.vision_layers, shape.dtype
     )
     stage("model built and saved")
     result, ckpt = train_and_sync(shape, model, out, stage)
-    release()  # the trainer, its policy and engine are gone
-    stage("trainer released")
-    result |= reload_export(shape, ckpt, out, result["sync"]["want"]["ids"], stage)
-    shutil.rmtree(model)
-    shutil.rmtree(out / "merged")
-    stage("model and export deleted")
-    result |= {"stages": stage.rows, "peak_rss_gib": peak_rss_gib()}
-    result["seconds"] = time.perf_counter() - stage.start
+    report = {"result": result, "model": str(model), "checkpoint": str(ckpt), "stages": stage.rows}
+    (out / "train.json").write_text(json.dumps(report | {"peak": peak_rss_gib()}))
+
+
+def reload_main(name: str, out: Path) -> None:
+    """The second child: export the checkpoint (over the built base model), reload it; report
+    into OUT/reload.json."""
+    shape, stage = SHAPES[name], Stages()
+    trained = json.loads((out / "train.json").read_text())
+    ckpt = Path(trained["checkpoint"])
+    want = trained["result"]["sync"]["want"]["ids"]
+    result = reload_export(shape, ckpt, out, want, stage)
+    for used in (Path(trained["model"]), ckpt.parent, out / "merged"):
+        shutil.rmtree(used)
+    stage("model, checkpoint and export deleted")
+    report = {"result": result, "stages": stage.rows}
+    (out / "reload.json").write_text(json.dumps(report | {"peak": peak_rss_gib()}))
+
+
+def main(name: str, out: Path) -> None:
+    """The two halves in a child process each: a process exits with all of its memory, while
+    a started vLLM engine keeps much of its own after close() (the 7B shape's RSS stayed at
+    14 GiB with the trainer released), which the reload's two fresh copies of the model would
+    otherwise stack on."""
+    start, result, stages, peaks = time.perf_counter(), {}, {}, []
+    for half in ("train", "reload"):
+        offset = time.perf_counter() - start
+        command = [sys.executable, __file__, name, str(out), f"--{half}"]
+        subprocess.run(command, check=True, timeout=900)
+        report = json.loads((out / f"{half}.json").read_text())
+        result |= report["result"]
+        for stage_name, row in report["stages"].items():
+            stages[f"{half}: {stage_name}"] = row | {"seconds": round(row["seconds"] + offset, 1)}
+        peaks.append(report["peak"])
+    result |= {"stages": stages, "peak_rss_gib": max(peaks)}
+    result["seconds"] = time.perf_counter() - start
     (out / "result.json").write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]))
+    halves = {"--train": train_main, "--reload": reload_main}
+    run = halves[sys.argv[3]] if sys.argv[3:] else main
+    run(sys.argv[1], Path(sys.argv[2]))
