@@ -35,6 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.record import append_result
+from grpo import host_heap
 
 DISTINCT = 24
 ROW_GROUP = 1000
@@ -110,27 +111,16 @@ def measure(path: Path, workers: int, cache: str) -> dict:
     start = time.perf_counter()
     samples = load_samples(path, workers=workers, cache=False if cache == "off" else cache)
     seconds = time.perf_counter() - start
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # includes the parent's
     workers_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     n = sum(len(s.images) for s in samples)
     return {
         "images": n,
         "seconds": seconds,
         "peak_rss_mb": own,
-        "vm_hwm_mb": _vm_hwm_mb(),
+        "vm_hwm_mb": host_heap.peak_rss_bytes() / 2**20,
         "worker_peak_rss_mb": workers_rss,
     }
-
-
-def _vm_hwm_mb() -> float | None:
-    """This process's own peak RSS from /proc (Linux), immune to the fork+exec carry-over."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 def run(path: Path, workers: int, cache: str) -> dict:
@@ -144,7 +134,7 @@ def report(name: str, figures: dict) -> None:
     print(
         f"{name:<34} {figures['images']:>7} images  {figures['seconds']:7.2f} s  "
         f"{per_k:6.3f} s/1k  RSS {figures['peak_rss_mb']:5.0f} MB "
-        f"(VmHWM {figures['vm_hwm_mb'] or 0:5.0f})  "
+        f"(VmHWM {figures['vm_hwm_mb']:5.0f})  "
         f"workers <= {figures['worker_peak_rss_mb']:4.0f} MB",
         flush=True,
     )

@@ -9,7 +9,7 @@ Both variants score rows x tokens completion tokens against the real Qwen2.5 voc
 - naive: logits = hidden @ W^T over every token, log_softmax(logits.float() / T), gather, as
   models.logprobs.naive_completion_logprobs does after the model's forward.
 
-Each measurement runs in a fresh subprocess: peak RSS (getrusage ru_maxrss) minus the RSS just
+Each measurement runs in a fresh subprocess: peak RSS (VmHWM) minus the RSS just
 before the computation, with the inputs already allocated. The naive variant keeps several
 float32 [rows, tokens, V] tensors alive (~0.6 GiB per row of 1024 tokens each), so it is
 measured at as many rows as fit in --budget-gib and extrapolated linearly to --rows; the
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -47,23 +46,13 @@ class Setup:
     weight_grad: bool
 
 
-def rss_bytes() -> int:
-    """Current resident set size of this process (Linux)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss_bytes() -> int:
-    """High-water mark of this process's RSS (ru_maxrss is in KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def run_variant(variant: str, setup: Setup) -> dict:
     """Measure one variant in this process; call in a fresh process only."""
     import torch
     import torch.nn.functional as F
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from grpo.host_heap import peak_rss_bytes, rss_bytes
     from models.logprobs import token_logprobs
 
     gen = torch.Generator().manual_seed(0)

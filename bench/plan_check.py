@@ -1,7 +1,7 @@
 """The memory plan (grpo/plan.py) against the measured peak RSS of real CPU training steps.
 
 Each workload runs in a fresh interpreter through grpo.trainer's own `build_trainer` and
-`train_step` (float32, transformers sampler); the worker reports its peak RSS (ru_maxrss) and
+`train_step` (float32, transformers sampler); the worker reports its peak RSS (VmHWM) and
 the padded prompt / completion widths its batches had. The plan is then made for the same
 workload with those widths (what a user bounds with --max-prompt-length and
 --max-completion-length), and one JSON line per workload prints both and their ratio; each
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ from typing import Any
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from bench.record import append_result  # noqa: E402
+from grpo import host_heap  # noqa: E402
 
 # name: model, task, prompts, G (group), max new tokens, and TrainConfig overrides
 WORKLOADS: dict[str, dict[str, Any]] = {
@@ -126,14 +126,12 @@ class PhaseRss:
     def __init__(self) -> None:
         self.stack = ["build"]
         self.peaks: dict[str, int] = {}
-        self.page = os.sysconf("SC_PAGE_SIZE")
         self.running = True
         self.thread = threading.Thread(target=self.watch, daemon=True)
 
     def watch(self) -> None:
         while self.running:
-            with open("/proc/self/statm") as f:
-                rss = int(f.read().split()[1]) * self.page
+            rss = host_heap.rss_bytes()
             name = self.stack[-1]
             self.peaks[name] = max(self.peaks.get(name, 0), rss)
             time.sleep(0.002)
@@ -169,7 +167,7 @@ def run_worker(spec: dict[str, Any], steps: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as out:
         trainer = build_trainer(train_config(spec, out), distributed.init_distributed(), BACKEND)
         watcher.stack[0] = "step"
-        built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        built = host_heap.peak_rss_bytes()
         policy, original = trainer.policy, trainer.policy.rollout_batch
 
         def recording(*args: Any, **kwargs: Any) -> Any:
@@ -183,7 +181,7 @@ def run_worker(spec: dict[str, Any], steps: int) -> dict[str, Any]:
     watcher.running = False
     return {
         "phase_peak_rss_bytes": watcher.peaks,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": host_heap.peak_rss_bytes(),
         "build_peak_rss_bytes": built,
         "prompt_width": max(p for p, _ in widths),
         "completion_width": max(t for _, t in widths),

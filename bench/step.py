@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -55,6 +54,7 @@ from typing import Any
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the project's packages before bench/'s own modules (bench/rewards.py)
 from bench.record import append_result  # noqa: E402
+from grpo import host_heap  # noqa: E402
 
 TIMERS = ("time/sample", "time/reward", "time/logprobs", "time/backward", "time/sync")
 
@@ -144,7 +144,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     record["completion_length_mean"] = round(
         statistics.mean(m["completion_length_mean"] for m in steps), 2
     )
-    record["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    record["peak_rss_mib"] = round(host_heap.peak_rss_bytes() / 2**20, 1)
     return record
 
 

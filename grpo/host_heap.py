@@ -1,5 +1,5 @@
 """On the CPU the host heap is the device memory: keep glibc's malloc from sitting on what
-torch frees.
+torch frees, and read what the process holds (rss_bytes, peak_rss_bytes).
 
 glibc serves an allocation of at least M_MMAP_THRESHOLD bytes with a mapping of its own, which
 free() hands straight back to the kernel; smaller ones come from its arenas, which keep freed
@@ -20,6 +20,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
+import resource
 
 log = logging.getLogger(__name__)
 
@@ -40,3 +42,26 @@ def fix_mmap_threshold(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
     if not done:
         log.warning("mallopt(M_MMAP_THRESHOLD, %d) refused; the heap keeps its default", threshold)
     return done
+
+
+def rss_bytes() -> int:
+    """This process's resident set now (/proc/self/statm's second field, in pages; Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    """This process's own peak resident set: /proc/self/status VmHWM (Linux).
+
+    Not getrusage's ru_maxrss: Linux carries a parent's high-water mark into its child across
+    fork (or vfork, as Python's subprocess uses) and exec, so a worker started by a 3 GB
+    process reports at least 3 GB however little it touches. VmHWM belongs to the address
+    space exec made. ru_maxrss only where /proc is absent."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux

@@ -668,7 +668,7 @@ def make_plan(a: Architecture, w: Workload) -> Plan:
     plan.sampling, plan.training = sampling, training
     plan.loading = loading_parts(a, w)
     if w.on_cpu:
-        plan.notes.append("CPU: the peak is the process's peak RSS (ru_maxrss)")
+        plan.notes.append("CPU: the peak is the process's peak RSS (VmHWM)")
     plan.notes.append(activation_note(a, w))
     if w.fsdp_cpu_offload:
         plan.notes.append(

@@ -2,7 +2,7 @@
 its own.
 
 Run by tests/test_real_shapes_pipeline.py as `python tests/shape_worker.py NAME OUT`. A
-process per case keeps each case's peak RSS its own (ru_maxrss only grows) and gives all of
+process per case keeps each case's peak RSS its own (VmHWM only grows) and gives all of
 its memory back to the machine before the next case. The worker measures and records; the
 test asserts. Its only output is OUT/result.json:
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import resource
 import shutil
 import subprocess
 import sys
@@ -41,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 import models  # noqa: E402, F401  (the torchvision shim first)
 from evaluate import export_checkpoint  # noqa: E402
-from grpo import distributed  # noqa: E402
+from grpo import distributed, host_heap  # noqa: E402
 from grpo.checkpoint import save_checkpoint  # noqa: E402
 from grpo.config import TrainConfig  # noqa: E402
 from grpo.trainer import Trainer, build_trainer, run_info, train_step, trainer_state  # noqa: E402
@@ -69,23 +68,15 @@ class Stages:
 
     def __call__(self, name: str) -> None:
         self.rows[name] = {
-            "rss_gib": round(rss_now_gib(), 2),
+            "rss_gib": round(host_heap.rss_bytes() / 2**30, 2),
             "peak_gib": round(peak_rss_gib(), 2),
             "seconds": round(time.perf_counter() - self.start, 1),
         }
 
 
-def rss_now_gib() -> float:
-    """This process's resident set now (/proc/self/status VmRSS, in KiB)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 2**20
-    raise RuntimeError("no VmRSS in /proc/self/status")
-
-
 def peak_rss_gib() -> float:
-    """This process's peak resident set so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    """This process's own peak resident set so far (grpo/host_heap.py)."""
+    return host_heap.peak_rss_bytes() / 2**30
 
 
 def step_config(shape: Shape, model: Path, work: Path) -> TrainConfig:
