@@ -1,5 +1,5 @@
-"""What fixing glibc's mmap threshold (grpo/host_heap.py) does to a CPU step: peak RSS and
-step time, with the trainer's fixed threshold against glibc's default growing one.
+"""What --cpu-lean-heap (grpo/host_heap.py: glibc's mmap threshold fixed) does to a CPU step:
+peak RSS and step time, against glibc's default growing threshold.
 
 Each arm runs in a fresh interpreter through build_trainer and train_step on one of
 bench/plan_check.py's workloads; the first step is reported apart (it pays the warm-up).
@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,7 +24,7 @@ sys.path.insert(0, ROOT)
 from bench.plan_check import WORKLOADS, train_config  # noqa: E402
 from bench.record import append_result  # noqa: E402
 
-ARMS = ("fixed", "glibc-default")
+ARMS = ("lean", "glibc-default")
 
 
 def run_arm(name: str, arm: str, steps: int) -> dict[str, Any]:
@@ -33,11 +34,9 @@ def run_arm(name: str, arm: str, steps: int) -> dict[str, Any]:
     from grpo.trainer import build_trainer, train_step
     from models import BACKEND
 
-    if arm == "glibc-default":  # build_trainer would fix it
-        host_heap.fix_mmap_threshold = lambda *args: False  # type: ignore[assignment]
     seconds = []
     with tempfile.TemporaryDirectory() as out:
-        config = train_config(WORKLOADS[name], out)
+        config = replace(train_config(WORKLOADS[name], out), cpu_lean_heap=arm == "lean")
         trainer = build_trainer(config, distributed.init_distributed(), BACKEND)
         for _ in range(steps):
             start = time.perf_counter()

@@ -1,8 +1,9 @@
 """The memory plan (grpo/plan.py) against the measured peak RSS of real CPU training steps.
 
 Each workload runs in a fresh interpreter through grpo.trainer's own `build_trainer` and
-`train_step` (float32, transformers sampler); the worker reports its peak RSS (VmHWM) and
-the padded prompt / completion widths its batches had. The plan is then made for the same
+`train_step` (float32, transformers sampler, --cpu-lean-heap so that RSS is what torch holds:
+bench/host_heap.py measures glibc's default beside it); the worker reports its peak RSS (VmHWM)
+and the padded prompt / completion widths its batches had. The plan is then made for the same
 workload with those widths (what a user bounds with --max-prompt-length and
 --max-completion-length), and one JSON line per workload prints both and their ratio; each
 line is appended to bench/results.jsonl.
@@ -115,6 +116,7 @@ def train_config(spec: dict[str, Any], output_dir: str) -> Any:
         report=False,
         min_pixels=28 * 28,
         max_pixels=56 * 56,
+        cpu_lean_heap=True,  # RSS is then what torch holds, which the plan counts
         **extra,
     )
 

@@ -115,6 +115,7 @@ class TrainConfig:
     prefix_sharing: bool = True  # each group's prompt once in log-prob passes (models/prefix.py)
     logprob_group_batch: int = 1  # groups per log-prob micro-batch and backward (0: all)
     merge_for_sampling: bool = True  # transformers sampler: LoRA merged into W while sampling
+    cpu_lean_heap: bool = False  # CPU: freed tensors go back to the OS (less RSS, slower steps)
     # scaling past one GPU (README "Scaling"; models/sharding.py)
     fsdp: bool = False  # shard parameters, gradients and optimizer state with FSDP2
     fsdp_cpu_offload: bool = False  # keep the shards (and the AdamW step) on the host (CUDA)
@@ -455,7 +456,8 @@ def validate(config: TrainConfig) -> None:
 
 
 def _validate_parallel(config: TrainConfig) -> None:
-    """--fsdp-cpu-offload and --vllm-tensor-parallel-size: what this machine and job allow."""
+    """--fsdp-cpu-offload, --cpu-lean-heap and --vllm-tensor-parallel-size: what this machine
+    and job allow."""
     cuda = torch.cuda.is_available()
     if config.fsdp_cpu_offload and not config.fsdp:
         raise ConfigError("fsdp_cpu_offload=True needs fsdp=True (it offloads FSDP2's shards)")
@@ -463,6 +465,8 @@ def _validate_parallel(config: TrainConfig) -> None:
         raise ConfigError(
             "fsdp_cpu_offload=True: without CUDA the shards already live in host memory; drop it"
         )
+    if config.cpu_lean_heap and cuda:
+        raise ConfigError("cpu_lean_heap=True: on CUDA the tensors live in device memory; drop it")
     if config.fsdp and config.vllm_sync == "adapter" and config.sampler_backend == "vllm":
         raise ConfigError("vllm_sync='adapter' with fsdp=True: a sharded policy syncs merged")
     k = config.vllm_tensor_parallel_size

@@ -1,5 +1,5 @@
-"""On the CPU the host heap is the device memory: keep glibc's malloc from sitting on what
-torch frees, and read what the process holds (rss_bytes, peak_rss_bytes).
+"""On the CPU the host heap is the device memory: glibc's malloc kept from sitting on what
+torch frees (--cpu-lean-heap), and what the process holds (rss_bytes, peak_rss_bytes).
 
 glibc serves an allocation of at least M_MMAP_THRESHOLD bytes with a mapping of its own, which
 free() hands straight back to the kernel; smaller ones come from its arenas, which keep freed
@@ -8,11 +8,14 @@ size of each mapped block that is freed, up to 32 MiB. A training step allocates
 tensors of every size, so after the first one almost every activation lives in the arenas,
 fragmented by size, and the process stays resident well above what it holds: a 2-prompt x 4
 SmolLM2-135M LoRA step peaked at 2.16 GB with the default and 1.77 GB with the threshold
-fixed (bench/plan_check.py), where the tensors alive at the peak add up to about 1.7 GB.
+fixed, where the tensors alive at the peak add up to about 1.7 GB.
 
 Setting the threshold explicitly also turns its growth off (mallopt(3)). Large tensors then
-cost one mmap/munmap pair and their first-touch page faults each; bench/host_heap.py measures
-what that does to the step time.
+cost one mmap/munmap pair and their first-touch page faults each, and that is not cheap: the
+same SmolLM2 step took 37.9 s against 28.3 s (bench/host_heap.py; 1 MiB and larger fixed
+thresholds, malloc_trim between phases and fewer arenas keep the speed but save <7%). So the
+trainer fixes it only under --cpu-lean-heap, for a CPU run short of memory and for the
+plan check (bench/plan_check.py), which compares the plan with what torch holds.
 """
 
 from __future__ import annotations

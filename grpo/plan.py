@@ -44,9 +44,10 @@ Per GPU (peak = persistent + the largest of the loading, sampling and training p
 - baseline       CPU: the process after importing torch, transformers and peft (measured) and a
                  tokenizer; GPU: a CUDA context
 
-On the CPU the figures are tensors alive at once; the process's RSS follows them because the
-trainer fixes glibc's mmap threshold (grpo/host_heap.py). Under glibc's default growing
-threshold freed activations stay resident in its arenas and the measured peak runs ~20% over.
+On the CPU the figures are tensors alive at once; the process's RSS follows them under
+--cpu-lean-heap (glibc's mmap threshold fixed, grpo/host_heap.py). Under glibc's default
+growing threshold freed activations stay resident in its arenas and the peak RSS runs ~20-25%
+over: the price of the default's ~25% shorter steps.
 """
 
 from __future__ import annotations

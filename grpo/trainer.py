@@ -772,8 +772,8 @@ def build_trainer(
     reward_specs = check_inputs(config, task.default_rewards)
     check_run_dir(config)  # before minutes of loading, not after
     seed_everything(config.seed)  # same LoRA init and data order on every rank
-    if info.device.type == "cpu":
-        host_heap.fix_mmap_threshold()  # RSS follows what torch holds (grpo/host_heap.py)
+    if config.cpu_lean_heap:
+        host_heap.fix_mmap_threshold()  # RSS follows what torch holds, steps slower
     path = config.data or task.default_data(cache_root() / "data", "train")
     samples = load_samples(path, skip_bad=config.skip_bad_samples, **data_options(config))
     samples, eval_samples = split_samples(config, task, samples)  # never trained on

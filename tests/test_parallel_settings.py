@@ -4,6 +4,7 @@ on this CPU machine, each refusal one line naming the field."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from grpo.config import ConfigError, TrainConfig, load_config, validate
 
@@ -48,3 +49,10 @@ def test_tensor_parallel_size_must_divide_the_world(monkeypatch: pytest.MonkeyPa
     validate(TrainConfig(vllm_tensor_parallel_size=1))
     with pytest.raises(ConfigError, match="=2 must divide the world size 3"):
         validate(TrainConfig(vllm_tensor_parallel_size=2))
+
+
+def test_lean_heap_is_for_cpu_runs_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    validate(TrainConfig(cpu_lean_heap=True))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ConfigError, match="cpu_lean_heap=True: on CUDA"):
+        validate(TrainConfig(cpu_lean_heap=True))
