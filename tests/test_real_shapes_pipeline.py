@@ -1,5 +1,6 @@
-"""The published Qwen2.5-VL (3B, 7B, 72B) and Qwen2.5 (0.5B, 1.5B, 7B) shapes through
-training, weight sync and export, each in a process of its own (tests/shape_worker.py):
+"""The published Qwen2.5-VL (3B, 7B; the 72B once it fits, see PIPELINE) and Qwen2.5 (0.5B,
+1.5B, 7B) shapes through training, weight sync and export, each in a process of its own
+(tests/shape_worker.py):
 
 - one train_step with vLLM as the sampler and one with transformers' (the same trainer): the
   loss is finite, the gradient non-zero and the LoRA weights move;
