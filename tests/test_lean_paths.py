@@ -116,7 +116,9 @@ def test_policy_and_reference_logprobs_lean_equal_naive(
     mask = batch.completion_mask.bool()
     # float32 log_softmax over 151,936 entries is good to ~1e-5 when one token dominates
     assert_close(lean.logp, plain.logp, atol=2e-5, rtol=0)
-    assert_close(lean.entropy, plain.entropy, atol=2e-5, rtol=0)
+    # entropy sums 151,936 terms p log p to ~10.7 nats (near-uniform): the two paths sum in a
+    # different order, so its float32 error is relative, ~2e-6 of the value (measured 1.9e-6)
+    assert_close(lean.entropy, plain.entropy, atol=0, rtol=5e-6)
     assert_close(lean_ref, plain_ref, atol=2e-5, rtol=0)
     assert (lean.logp[~mask] == 0).all() and (plain.logp[~mask] == 0).all()
     # the adapter matters, so the reference really is a different model
