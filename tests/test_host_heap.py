@@ -23,10 +23,7 @@ import json, sys, torch
 from grpo import host_heap
 fixed = host_heap.fix_mmap_threshold() if sys.argv[1] == "fixed" else None
 
-def rss():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
+rss = host_heap.rss_bytes
 
 torch.ones(4 << 20).sum()  # 16 MiB, mapped and freed
 before = rss()
