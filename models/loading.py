@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 import models.cpu_compat  # noqa: F401  (must precede transformers' image code)
+from models.cpu_half import upcast_half_linears
 from models.tiny import tiny_model_path
 
 # LoRA on the language model only: the projection names below also exist in the vision
@@ -105,8 +106,9 @@ def load_base_model(
     dtype = dtype or default_dtype(device)
     attention = choose_attention(device, attn_implementation, dtype)
     kind = Qwen2_5_VLForConditionalGeneration if is_vision_language(path) else AutoModelForCausalLM
-    model = kind.from_pretrained(path, dtype=dtype, attn_implementation=attention)
-    return model.to(device)
+    model = kind.from_pretrained(path, dtype=dtype, attn_implementation=attention).to(device)
+    upcast_half_linears(model)  # bf16 on a CPU without bf16 kernels: float32 products
+    return model
 
 
 def add_lora(

@@ -38,6 +38,7 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 
 from grpo.types import TokenLogProbs
 from models.batch import PromptBatch, RolloutBatch, text_positions
+from models.cpu_half import matmul_weight, matmul_weight_t
 from models.packing import PackingError, bin_capacity, pack_rows, packed_hidden, packing_refusal
 
 DEFAULT_CHUNK_TOKENS = 1024
@@ -145,10 +146,11 @@ def chunk_logits(
     """z = hidden @ weight^T / temperature with the suppressed ids at -inf: [C, V], float32+.
 
     hidden [C, H], weight [V, H], suppressed [S] long. The matmul runs in the inputs' dtype
-    (a bf16 weight is not copied to float32); its result is float32 at least, because bf16
+    (a bf16 weight is not copied to float32; on a CPU without bf16 kernels it is upcast a
+    block at a time, models/cpu_half.py); its result is float32 at least, because bf16
     logits are too coarse for probability ratios.
     """
-    logits = (hidden @ weight.T).to(_logit_dtype(hidden))  # [C, V], a fresh tensor
+    logits = matmul_weight_t(hidden, weight).to(_logit_dtype(hidden))  # [C, V], a fresh tensor
     if temperature != 1.0:
         logits.div_(temperature)
     if suppressed is not None and suppressed.numel():
@@ -220,8 +222,9 @@ class ChunkLogProb(torch.autograd.Function):
         grad[rows, targets] -= 1.0  # softmax - onehot
         grad.mul_((-grad_logp.to(grad.dtype) / ctx.temperature)[:, None])  # [C, V]: G
         grad = grad.to(weight.dtype)
-        grad_hidden = (grad @ weight).to(hidden.dtype) if ctx.needs_input_grad[0] else None
-        grad_weight = (grad.T @ hidden.to(weight.dtype)) if ctx.needs_input_grad[1] else None
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        grad_hidden = matmul_weight(grad, weight).to(hidden.dtype) if need_hidden else None
+        grad_weight = matmul_weight(grad.T, hidden.to(weight.dtype)) if need_weight else None
         return grad_hidden, grad_weight, None, None, None, None
 
 
