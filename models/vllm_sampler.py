@@ -26,6 +26,7 @@ one when the trainer has none) and `close()` destroys it: close the sampler last
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -33,6 +34,7 @@ import shutil
 import sys
 import tempfile
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -215,6 +217,29 @@ def use_in_process_engine() -> None:
         raise RuntimeError("the colocated vLLM sampler needs VLLM_ENABLE_V1_MULTIPROCESSING=0")
 
 
+@contextlib.contextmanager
+def tokenizers_passed_by_reference() -> Iterator[None]:
+    """Within: copy.deepcopy of a transformers tokenizer returns the tokenizer itself.
+
+    A vision-language engine builds its HF processor at start-up with its tokenizer as a
+    keyword argument, and transformers deep-copies the keyword arguments of from_pretrained
+    several times over: a 151k-token tokenizer costs ~1 s a copy here, ~15 s of a tiny
+    Qwen2.5-VL engine's ~20 s start (bench/engine_start.py). The processor only reads its
+    tokenizer, so sharing it is what the copies amount to."""
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+    had = "__deepcopy__" in PreTrainedTokenizerBase.__dict__
+    before = PreTrainedTokenizerBase.__dict__.get("__deepcopy__")
+    PreTrainedTokenizerBase.__deepcopy__ = lambda self, memo: self  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        if had:
+            PreTrainedTokenizerBase.__deepcopy__ = before  # type: ignore[attr-defined]
+        else:
+            del PreTrainedTokenizerBase.__deepcopy__  # type: ignore[attr-defined]
+
+
 def create_engine(args: dict[str, Any]) -> Any:
     """vllm.LLM(**args), leaving the process as it found it.
 
@@ -229,7 +254,8 @@ def create_engine(args: dict[str, Any]) -> Any:
     set_num_threads = torch.set_num_threads
     states = (torch.get_rng_state(), np.random.get_state(), random.getstate())
     try:
-        return LLM(**args)
+        with tokenizers_passed_by_reference():
+            return LLM(**args)
     finally:
         torch.set_num_threads = set_num_threads
         torch.set_rng_state(states[0])
