@@ -48,7 +48,22 @@ def test_blocked_products_equal_loops(block: int) -> None:
     torch.testing.assert_close(backward.double(), want_backward, rtol=1e-6, atol=1e-6)
 
 
-def test_upcast_linear_values_and_gradients_equal_loops() -> None:
+@pytest.fixture(params=[1, 10**9], ids=["forward upcast", "forward native"])
+def forward_min_rows(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Both forward paths of UpcastLinear: upcast from 1 row, or never (torch's own loop)."""
+    monkeypatch.setattr(cpu_half, "FORWARD_MIN_ROWS", request.param)
+    return request.param
+
+
+def test_forward_is_upcast_from_enough_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_half, "has_native_kernels", lambda dtype: False)
+    weight, rows = _bf16(7, 5, seed=0), cpu_half.FORWARD_MIN_ROWS
+    assert not cpu_half.upcast_forward(_bf16(rows - 1, 5, seed=1), weight)
+    assert cpu_half.upcast_forward(_bf16(2, rows // 2, 5, seed=1), weight)  # rows over all dims
+    assert not cpu_half.upcast_forward(torch.randn(rows, 5), weight.float())  # float32
+
+
+def test_upcast_linear_values_and_gradients_equal_loops(forward_min_rows: int) -> None:
     """y = x W^T + b; d x = G W, d W = G^T x, d b = sum G, each one bf16 rounding from the
     float64 loop over the same bf16 numbers."""
     x = _bf16(4, 5, seed=3).requires_grad_()
@@ -63,7 +78,7 @@ def test_upcast_linear_values_and_gradients_equal_loops() -> None:
     _assert_rounded_from(bias.grad, grad.double().sum(0))
 
 
-def test_upcast_linear_matches_torch_bf16_kernels() -> None:
+def test_upcast_linear_matches_torch_bf16_kernels(forward_min_rows: int) -> None:
     """The same function as torch's own bf16 Linear (slow here, exact in float32 sums)."""
     x, weight, grad = _bf16(8, 64, seed=7), _bf16(96, 64, seed=8), _bf16(8, 96, seed=9)
     results = []
@@ -98,9 +113,12 @@ def test_only_half_linears_without_kernels_are_upcast(monkeypatch: pytest.Monkey
     assert upcast_half_linears(_model(torch.bfloat16)) == 0  # oneDNN does it natively
 
 
-def test_bf16_tiny_model_loads_upcast_and_trains_like_torch_kernels() -> None:
+def test_bf16_tiny_model_loads_upcast_and_trains_like_torch_kernels(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """The tiny Qwen2.5-VL in bf16 on this CPU: its Linears are upcast exactly when the CPU
     lacks bf16 kernels, and the lean head's log-probs and gradients equal torch's kernels'."""
+    monkeypatch.setattr(cpu_half, "FORWARD_MIN_ROWS", 1)  # the head's forward upcast too
     model = load_base_model("tiny", torch.device("cpu"), torch.bfloat16)
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
     upcast = [m for m in linears if "forward" in m.__dict__]
