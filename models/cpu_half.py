@@ -124,7 +124,7 @@ class UpcastLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
-def _upcast_forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def _upcast_linear_forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if x.dtype != module.weight.dtype:  # as nn.Linear: inputs of another dtype are an error
         return torch.nn.functional.linear(x, module.weight, module.bias)
     return UpcastLinear.apply(x, module.weight, module.bias)
@@ -136,6 +136,6 @@ def upcast_half_linears(model: torch.nn.Module) -> int:
     count = 0
     for module in model.modules():
         if type(module) is torch.nn.Linear and needs_upcast(module.weight):
-            module.forward = _upcast_forward.__get__(module)  # bound to this instance
+            module.forward = _upcast_linear_forward.__get__(module)  # bound to this instance
             count += 1
     return count

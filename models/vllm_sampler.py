@@ -228,13 +228,12 @@ def tokenizers_passed_by_reference() -> Iterator[None]:
     tokenizer, so sharing it is what the copies amount to."""
     from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-    had = "__deepcopy__" in PreTrainedTokenizerBase.__dict__
     before = PreTrainedTokenizerBase.__dict__.get("__deepcopy__")
     PreTrainedTokenizerBase.__deepcopy__ = lambda self, memo: self  # type: ignore[attr-defined]
     try:
         yield
     finally:
-        if had:
+        if before is not None:
             PreTrainedTokenizerBase.__deepcopy__ = before  # type: ignore[attr-defined]
         else:
             del PreTrainedTokenizerBase.__deepcopy__  # type: ignore[attr-defined]
