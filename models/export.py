@@ -39,6 +39,7 @@ from grpo.types import ADAPTER_CONFIG, EXPORT_INFO, PolicySettings
 from models.loading import ModelLoadError, resolve_model_path
 from models.merge import PEFT_PREFIX, lora_linears, merged_weight
 from models.policy import Policy, make_policy
+from models.tokenizer_cache import load_auto_processor, load_tokenizer
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MAX_LISTED = 3  # mismatching modules quoted in an error
@@ -240,12 +241,10 @@ def unwrap_merged(policy: Policy) -> torch.nn.Module:
 def save_processor(policy: Policy, out: Path) -> None:
     """The base model's processor as shipped (right padding), with the policy's pixel bounds;
     for a text-only model its tokenizer (and chat template) as shipped."""
-    from transformers import AutoProcessor, AutoTokenizer
-
     if not policy.has_vision:
-        AutoTokenizer.from_pretrained(policy.path).save_pretrained(out)
+        load_tokenizer(policy.path).save_pretrained(out)
         return
-    processor = AutoProcessor.from_pretrained(policy.path)
+    processor = load_auto_processor(policy.path)
     size = dict(processor.image_processor.size)
     size["shortest_edge"], size["longest_edge"] = policy.min_pixels, policy.max_pixels
     processor.image_processor.size = size

@@ -51,6 +51,7 @@ from models.merge import lora_linears, merged_weight
 from models.packing import PackingError, packing_refusal
 from models.prefix import prefix_shared_logprobs
 from models.processor import fit_image, fitted_size, load_processor, pixel_bounds, render_prompt
+from models.tokenizer_cache import load_tokenizer
 
 
 def lora_settings(settings: PolicySettings) -> LoraSettings | None:
@@ -381,9 +382,7 @@ class TextPolicy(Policy):
     has_vision = False
 
     def load_inputs(self, settings: PolicySettings) -> Any:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(self.path, padding_side="left")
+        tokenizer = load_tokenizer(self.path, padding_side="left")
         if tokenizer.pad_token_id is None:  # a pad id is needed for batches, never scored
             tokenizer.pad_token = tokenizer.eos_token
         self.processor = None

@@ -15,6 +15,7 @@ from PIL import Image
 
 import models.cpu_compat  # noqa: F401  (must precede transformers' image code)
 from data.images import image_size_problem  # the one size rule, shared with data validation
+from models.tokenizer_cache import load_auto_processor
 
 PATCH_FACTOR = 28  # patch_size 14 x spatial_merge_size 2
 DEFAULT_MIN_PIXELS = 4 * 28 * 28
@@ -87,9 +88,7 @@ def build_processor(
 
 def load_processor(path: str, min_pixels: int | None = None, max_pixels: int | None = None):
     """The checkpoint's processor, left-padding, with pixel bounds overridden when given."""
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(path)
+    processor = load_auto_processor(path)
     size = dict(processor.image_processor.size)
     if min_pixels is not None:
         size["shortest_edge"] = min_pixels

@@ -20,6 +20,7 @@ import torch
 
 from data.cache import build_once, cache_root
 from models.tokenizer import SPECIAL_TOKENS, VOCAB_SIZE, build_qwen25_tokenizer
+from models.tokenizer_cache import load_tokenizer
 
 TINY_VERSION = 1  # bump when the build changes, so stale caches are not reused
 
@@ -101,7 +102,7 @@ def tokenizer_path() -> Path:
 
 
 def _write_tiny_checkpoint(out_dir: Path, spec: TinySpec, seed: int) -> None:
-    from transformers import AutoTokenizer, GenerationConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
 
     from models.processor import build_processor
 
@@ -115,7 +116,7 @@ def _write_tiny_checkpoint(out_dir: Path, spec: TinySpec, seed: int) -> None:
         pad_token_id=SPECIAL_TOKENS["<|endoftext|>"],
     )
     model.save_pretrained(out_dir)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path())
+    tokenizer = load_tokenizer(tokenizer_path())
     build_processor(tokenizer).save_pretrained(out_dir)
     (out_dir / "tiny_spec.json").write_text(json.dumps({**asdict(spec), "seed": seed}, indent=1))
 
@@ -152,7 +153,6 @@ def _write_shaped_checkpoint(
     out_dir: Path, published: dict[str, Any], text_layers: int, vision_layers: int, dtype: str
 ) -> None:
     from transformers import (
-        AutoTokenizer,
         GenerationConfig,
         Qwen2_5_VLForConditionalGeneration,
         Qwen2ForCausalLM,
@@ -172,7 +172,7 @@ def _write_shaped_checkpoint(
     )
     model.save_pretrained(out_dir)
     del model
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path())
+    tokenizer = load_tokenizer(tokenizer_path())
     if text_only:
         tokenizer.save_pretrained(out_dir)
     else:

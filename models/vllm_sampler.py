@@ -26,7 +26,6 @@ one when the trainer has none) and `close()` destroys it: close the sampler last
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import random
@@ -34,7 +33,6 @@ import shutil
 import sys
 import tempfile
 import weakref
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +44,7 @@ import models.cpu_compat as cpu_compat  # first: before anything imports vllm
 from grpo.types import PromptInput, Rollout, SamplingSettings
 from models.full import changed_weights
 from models.merge import lora_linears, merged_lora_weights, merged_state_dict
+from models.tokenizer_cache import tokenizer_loads_cached, tokenizers_passed_by_reference
 from models.weight_sync import (
     add_adapter,
     push_weights,
@@ -217,34 +216,13 @@ def use_in_process_engine() -> None:
         raise RuntimeError("the colocated vLLM sampler needs VLLM_ENABLE_V1_MULTIPROCESSING=0")
 
 
-@contextlib.contextmanager
-def tokenizers_passed_by_reference() -> Iterator[None]:
-    """Within: copy.deepcopy of a transformers tokenizer returns the tokenizer itself.
-
-    A vision-language engine builds its HF processor at start-up with its tokenizer as a
-    keyword argument, and transformers deep-copies the keyword arguments of from_pretrained
-    several times over: a 151k-token tokenizer costs ~1 s a copy here, ~15 s of a tiny
-    Qwen2.5-VL engine's ~20 s start (bench/engine_start.py). The processor only reads its
-    tokenizer, so sharing it is what the copies amount to."""
-    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
-
-    before = PreTrainedTokenizerBase.__dict__.get("__deepcopy__")
-    PreTrainedTokenizerBase.__deepcopy__ = lambda self, memo: self  # type: ignore[attr-defined]
-    try:
-        yield
-    finally:
-        if before is not None:
-            PreTrainedTokenizerBase.__deepcopy__ = before  # type: ignore[attr-defined]
-        else:
-            del PreTrainedTokenizerBase.__deepcopy__  # type: ignore[attr-defined]
-
-
 def create_engine(args: dict[str, Any]) -> Any:
     """vllm.LLM(**args), leaving the process as it found it.
 
     vLLM's CPU worker replaces torch.set_num_threads with a no-op for the whole process, and
     engine start-up reseeds the global RNGs (torch, numpy, random) with the engine seed; the
-    trainer's thread control and random streams are put back afterwards.
+    trainer's thread control and random streams are put back afterwards. The engine's own
+    tokenizer load reuses the one this process already parsed (models/tokenizer_cache.py).
     """
     use_in_process_engine()
     from vllm import LLM
@@ -253,7 +231,7 @@ def create_engine(args: dict[str, Any]) -> Any:
     set_num_threads = torch.set_num_threads
     states = (torch.get_rng_state(), np.random.get_state(), random.getstate())
     try:
-        with tokenizers_passed_by_reference():
+        with tokenizers_passed_by_reference(), tokenizer_loads_cached():
             return LLM(**args)
     finally:
         torch.set_num_threads = set_num_threads

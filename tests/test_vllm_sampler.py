@@ -179,20 +179,3 @@ def test_engine_arguments_on_cpu(policy: Policy) -> None:
     adapter = engine_arguments(policy, VLLMSettings(sync="adapter"))
     assert adapter["enable_lora"] is True
     assert adapter["max_lora_rank"] == 8  # the policy's r
-
-
-def test_tokenizers_are_shared_only_while_an_engine_starts(policy: Policy) -> None:
-    """Engine start-up shares the tokenizer where transformers would deep-copy it; outside,
-    and after an error inside, deepcopy copies again."""
-    import copy
-
-    pytest.importorskip("vllm", exc_type=ImportError)
-    from models.vllm_sampler import tokenizers_passed_by_reference
-
-    tokenizer = policy.tokenizer
-    with tokenizers_passed_by_reference():
-        assert copy.deepcopy({"tokenizer": tokenizer})["tokenizer"] is tokenizer
-    with pytest.raises(RuntimeError), tokenizers_passed_by_reference():
-        raise RuntimeError("engine failed")
-    copied = copy.deepcopy(tokenizer)
-    assert copied is not tokenizer and copied.encode("你好 world") == tokenizer.encode("你好 world")
