@@ -26,8 +26,6 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from math_verify import parse, verify
-
 from rewards.answer import answer_or_text, extract_answer
 from rewards.per_sample import per_sample
 from rewards.registry import RewardFn, register
@@ -84,6 +82,8 @@ def parse_math(text: str, bare: bool) -> list:
     bare: the text is meant to be only an answer; wrap it in $...$ when it has no math
     delimiters (math-verify otherwise reads "2\\sqrt{3}" as 2).
     """
+    from math_verify import parse
+
     if bare and not any(d in text for d in _MATH_DELIMITERS):
         wrapped = parse(f"${text}$", parsing_timeout=None)
         if wrapped:
@@ -93,6 +93,8 @@ def parse_math(text: str, bare: bool) -> list:
 
 def math_equal(completion: str, gold: str) -> bool:
     """Steps 1-3 of the module docstring, without the time limit."""
+    from math_verify import verify
+
     gold_answer = answer_or_text(gold)
     tagged = extract_answer(completion)
     answer = tagged if tagged is not None else completion.strip()
@@ -111,6 +113,10 @@ def make_math_reward(timeout_seconds: float = 5.0) -> RewardFn:
     def math_reward(completion: str, gold: str, **_: Any) -> float | None:
         if not gold.strip():
             return None  # a blank solution is a missing one
+        # math-verify (sympy and its LaTeX parser, ~0.8 s) is imported on first use, which
+        # a run without maths never reaches, and here, outside the time limit
+        import math_verify  # noqa: F401
+
         try:
             equal = run_with_timeout(math_equal, timeout_seconds, completion, gold)
         except TimeoutError:
