@@ -23,6 +23,7 @@ from models.tokenizer import SPECIAL_TOKENS, VOCAB_SIZE, build_qwen25_tokenizer
 from models.tokenizer_cache import load_tokenizer
 
 TINY_VERSION = 1  # bump when the build changes, so stale caches are not reused
+SHAPED_BUILD = 2  # the same for the real-shaped checkpoints (2: weights drawn once)
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,22 @@ def shaped_config(published: dict[str, Any], text_layers: int, vision_layers: in
     return Qwen2_5_VLConfig.from_dict(config)
 
 
+def fill_random(model: torch.nn.Module, std: float, seed: int) -> None:
+    """Every parameter drawn once, as transformers initialises these models: normalisation
+    weights 1, biases 0, every other weight N(0, std^2). Tied weights are one parameter,
+    drawn once."""
+    generator = torch.Generator().manual_seed(seed)
+    norms = {id(p) for m in model.modules() if "Norm" in type(m).__name__ for p in m.parameters()}
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.zero_()
+            elif id(param) in norms:
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, std, generator=generator)
+
+
 def _write_shaped_checkpoint(
     out_dir: Path, published: dict[str, Any], text_layers: int, vision_layers: int, dtype: str
 ) -> None:
@@ -160,12 +177,18 @@ def _write_shaped_checkpoint(
 
     from models.processor import build_processor
 
-    torch.manual_seed(0)
     config = shaped_config(published, text_layers, vision_layers)
     text_only = is_text_only(published)
     architecture = Qwen2ForCausalLM if text_only else Qwen2_5_VLForConditionalGeneration
-    # built directly in the target dtype: a 72B-wide model in float32 would need twice the RAM
-    model = architecture._from_config(config, dtype=getattr(torch, dtype))
+    # built directly in the target dtype (a 72B-wide model in float32 would need twice the
+    # RAM), on the meta device and then filled once: transformers' own construction draws
+    # every weight two or three times over (torch's default init, then its own)
+    with torch.device("meta"):
+        model = architecture._from_config(config, dtype=getattr(torch, dtype))
+    model.to_empty(device="cpu")
+    model.tie_weights()  # to_empty gives each module its own tensor, a tied pair included
+    text = getattr(config, "text_config", config)
+    fill_random(model, text.initializer_range, seed=0)
     model.generation_config = GenerationConfig(
         eos_token_id=[SPECIAL_TOKENS["<|im_end|>"], SPECIAL_TOKENS["<|endoftext|>"]],
         pad_token_id=SPECIAL_TOKENS["<|endoftext|>"],
@@ -187,7 +210,7 @@ def shaped_model_path(
     deep, random weights (the config's initializer_range, 0.02: logits stay finite and
     near-uniform), the offline Qwen2.5 tokenizer (and processor for Qwen2.5-VL).
     """
-    blob = json.dumps([published, text_layers, vision_layers, dtype], sort_keys=True)
+    blob = json.dumps([published, text_layers, vision_layers, dtype, SHAPED_BUILD], sort_keys=True)
     key = hashlib.sha1(blob.encode()).hexdigest()[:8]
     kind = "qwen2.5" if is_text_only(published) else "qwen2.5-vl"
     target = cache_root() / f"shaped-{kind}-v{TINY_VERSION}-{key}"

@@ -1,10 +1,14 @@
-"""One real-shaped model (tests/shape_cases.py) through the whole pipeline, in a process of
-its own.
+"""One real-shaped model (tests/shape_cases.py) through the whole pipeline, in two halves,
+each a process of its own.
 
-Run by tests/test_real_shapes_pipeline.py as `python tests/shape_worker.py NAME OUT`. A
-process per case keeps each case's peak RSS its own (VmHWM only grows) and gives all of
-its memory back to the machine before the next case. The worker measures and records; the
-test asserts. Its only output is OUT/result.json:
+Run by tests/test_real_shapes_pipeline.py as `python tests/shape_worker.py NAME OUT --train`
+(build the model, one train_step with each sampler, a weight sync, save a checkpoint) and then
+`... --reload` (export the checkpoint, reload the export in transformers and in vLLM). A
+process per half keeps each half's peak RSS its own (VmHWM only grows) and gives all of its
+memory back before the next: a started vLLM engine keeps much of its own after close() (the
+7B shape's RSS stayed at 14 GiB with the trainer released), which the export's two fresh
+copies of the model would otherwise stack on. The worker measures and records; the test
+asserts. Each half writes OUT/train.json or OUT/reload.json:
 
   vllm_step, hf_step      one train_step with each sampler: loss, grad norm, LoRA moved, time
   sync                    after a strong LoRA change and sync_weights: vLLM's greedy tokens
@@ -12,13 +16,11 @@ test asserts. Its only output is OUT/result.json:
   export_hf, export_vllm  the merged export reloaded in transformers / in vLLM, the same
                           comparison against the trained policy
   stages                  RSS now and peak RSS (GiB) and seconds after each stage
-  peak_rss_gib, seconds
+  peak                    the half's peak RSS (GiB)
 
-The worker runs its two halves in a child process each (`--train`: build, train, sync, save;
-`--reload`: export and reload), so that the export's two fresh copies of the model do not
-stack on what the training half's vLLM engine still holds; the peak is the larger child's.
 The built model, the checkpoint and the export are deleted as soon as they are used: at real
-widths they are GBs each.
+widths they are GBs each. One case by hand: VLGRPO_SHAPES=NAME pytest
+tests/test_real_shapes_pipeline.py.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -225,27 +226,6 @@ def reload_main(name: str, out: Path) -> None:
     (out / "reload.json").write_text(json.dumps(report | {"peak": peak_rss_gib()}))
 
 
-def main(name: str, out: Path) -> None:
-    """The two halves in a child process each: a process exits with all of its memory, while
-    a started vLLM engine keeps much of its own after close() (the 7B shape's RSS stayed at
-    14 GiB with the trainer released), which the reload's two fresh copies of the model would
-    otherwise stack on."""
-    start, result, stages, peaks = time.perf_counter(), {}, {}, []
-    for half in ("train", "reload"):
-        offset = time.perf_counter() - start
-        command = [sys.executable, __file__, name, str(out), f"--{half}"]
-        subprocess.run(command, check=True, timeout=900)
-        report = json.loads((out / f"{half}.json").read_text())
-        result |= report["result"]
-        for stage_name, row in report["stages"].items():
-            stages[f"{half}: {stage_name}"] = row | {"seconds": round(row["seconds"] + offset, 1)}
-        peaks.append(report["peak"])
-    result |= {"stages": stages, "peak_rss_gib": max(peaks)}
-    result["seconds"] = time.perf_counter() - start
-    (out / "result.json").write_text(json.dumps(result, indent=1))
-
-
 if __name__ == "__main__":
     halves = {"--train": train_main, "--reload": reload_main}
-    run = halves[sys.argv[3]] if sys.argv[3:] else main
-    run(sys.argv[1], Path(sys.argv[2]))
+    halves[sys.argv[3]](sys.argv[1], Path(sys.argv[2]))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from models.tiny import shaped_config
+from models.tiny import shaped_config, shaped_model_path
 from tests.shape_cases import SHAPES, Shape
 
 TEXT_KEYS = (
@@ -72,3 +72,45 @@ def test_the_built_text_config_is_the_published_one_with_fewer_layers(shape: Sha
 def test_a_text_config_refuses_vision_layers() -> None:
     with pytest.raises(ValueError, match="vision_layers=2"):
         shaped_config(SHAPES["qwen2.5-0.5b-instruct"].published(), 1, 2)
+
+
+def narrowed(name: str) -> dict:
+    """A published config with its widths cut (vocabulary kept): cheap to build, same code."""
+    source = SHAPES[name].published()
+    source |= {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4}
+    source["num_key_value_heads"] = 2
+    if "vision_config" in source:
+        vision = source["vision_config"]
+        vision |= {"hidden_size": 64, "intermediate_size": 128, "num_heads": 2}
+        vision["out_hidden_size"] = 128
+    return source
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-0.5b-instruct", "qwen2.5-vl-7b-instruct"])
+def test_a_built_checkpoint_has_each_weight_drawn_as_transformers_would(name: str) -> None:
+    """Built on the meta device and filled once (models/tiny.py fill_random): norms 1, biases
+    0, the other weights N(0, 0.02^2), tied embeddings one tensor; reloaded by transformers
+    without a missing or newly initialised weight."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2_5_VLForConditionalGeneration
+
+    source = narrowed(name)
+    path = shaped_model_path(source, 1, 2 if "vision_config" in source else 0)
+    kind = Qwen2_5_VLForConditionalGeneration if "vision_config" in source else AutoModelForCausalLM
+    model, info = kind.from_pretrained(path, output_loading_info=True)
+    assert not any(info.values()), info  # nothing missing, unexpected or mismatched
+    tied = source["tie_word_embeddings"]
+    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert (embed.data_ptr() == head.data_ptr()) is tied
+    drawn = []
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            if "Norm" in type(module).__name__:
+                assert torch.equal(param, torch.ones_like(param)), (module_name, param_name)
+            elif param_name == "bias":
+                assert not param.any(), module_name
+            else:
+                drawn.append(param.detach().flatten())
+    weights = torch.cat(drawn)
+    assert abs(weights.mean().item()) < 1e-3 and weights.std().item() == pytest.approx(0.02, 0.01)
+    assert len({round(w.std().item(), 2) for w in drawn}) == 1  # every tensor, not an average

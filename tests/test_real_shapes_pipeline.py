@@ -47,6 +47,7 @@ from tests.shape_report import record
 from tests.vllm_helpers import LOGP_TOLERANCE
 
 BF16_LOGP_TOLERANCE = 0.1
+WORKER = ROOT / "tests" / "shape_worker.py"
 REPORTED = ("sync", "export_hf", "export_vllm")
 # CI runs four shapes; VLGRPO_SHAPES=all runs all six, VLGRPO_SHAPES=name,name those named.
 # All six passed in one clean-clone CI run here (2-core, 24 GiB; peak RSS, seconds): VL-3B
@@ -68,19 +69,29 @@ def tolerance(shape: Shape) -> float:
 
 
 def run_worker(shape: Shape, out: Path) -> dict[str, Any]:
-    """tests/shape_worker.py for `shape`; its result.json (the worker's log on failure)."""
-    command = [sys.executable, str(ROOT / "tests" / "shape_worker.py"), shape.name, str(out)]
-    start = time.perf_counter()
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    result = json.loads((out / "result.json").read_text())
+    """tests/shape_worker.py's two halves for `shape` (the worker's log on failure); their
+    reports merged, stage times counted from the start of the first."""
+    start, result, stages, peaks = time.perf_counter(), {}, {}, []
+    for half in ("train", "reload"):
+        offset = time.perf_counter() - start
+        command = [sys.executable, str(WORKER), shape.name, str(out), f"--{half}"]
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+        report = json.loads((out / f"{half}.json").read_text())
+        result |= report["result"]
+        for name, row in report["stages"].items():
+            stages[f"{half}: {name}"] = row | {"seconds": round(row["seconds"] + offset, 1)}
+        peaks.append(report["peak"])
+    result |= {"stages": stages, "peak_rss_gib": max(peaks)}
+    result["seconds"] = time.perf_counter() - start
+    (out / "result.json").write_text(json.dumps(result, indent=1))
     layers = f"{shape.text_layers} text" + (
         f" + {shape.vision_layers} vision" if shape.vision else ""
     )
     gaps = ", ".join(f"{k} {logprob_gap(result[k]):.1e}" for k in REPORTED)
     record(
         f"{shape.name} ({layers} layers, {shape.dtype}): peak RSS {result['peak_rss_gib']:.1f} GiB,"
-        f" {time.perf_counter() - start:.0f} s; max |log-prob - trainer's|: {gaps}"
+        f" {result['seconds']:.0f} s; max |log-prob - trainer's|: {gaps}"
     )
     return result
 
