@@ -168,6 +168,13 @@ class LossSettings:
             )
 
     @property
+    def advantage_weighted_only(self) -> bool:
+        """Whether every term of the loss is multiplied by an advantage (no KL term in the
+        loss, no entropy bonus): then a batch whose advantages are all zero has a loss and a
+        gradient that are exactly zero, whatever the policy's log-probs."""
+        return (self.beta == 0 or self.kl_in_reward) and self.entropy_coef == 0
+
+    @property
     def clip_high(self) -> float:
         """eps_high, with None resolved to eps_low."""
         return self.eps_low if self.eps_high is None else self.eps_high

@@ -557,6 +557,13 @@ def global_grad_norm(parameters: list[torch.nn.Parameter], max_norm: float) -> f
     return float(norm)
 
 
+def has_gradient(trajectory: Trajectory, settings: LossSettings) -> bool:
+    """Whether the loss on this trajectory can have a non-zero gradient (LossSettings
+    .advantage_weighted_only: not when every advantage of its rows is zero)."""
+    advantages = trajectory.advantages  # [n] the kept rows'
+    return not settings.advantage_weighted_only or bool(advantages.abs().max() > 0)
+
+
 def update(
     policy: Policy,
     optimizer: torch.optim.Optimizer,
@@ -571,8 +578,14 @@ def update(
     num_items = max(float(distributed.all_reduce_sum(tokens)), 1.0)  # dapo: all ranks' tokens
     # dapo's normaliser already spans every accumulated batch; the others are per-batch means
     scale = 1.0 if settings.loss_type == "dapo" else 1.0 / len(trajectories)
-    # no row with signal: nothing to run here (other ranks may still have some)
-    running = [t for t in trajectories if t.batch.num_rows > 0]
+    # no row with signal, or only zero advantages under an advantage-weighted loss: the loss
+    # and its gradient are exactly zero, so no pass runs (other ranks may still have some;
+    # a sharded policy's forwards are collectives, so there every rank runs its batches)
+    running = [
+        t
+        for t in trajectories
+        if t.batch.num_rows > 0 and (policy.sharded or has_gradient(t, settings))
+    ]
     group_batch = logprob_groups(policy, config)
     per_batch = [
         loss_and_backward(
@@ -589,6 +602,9 @@ def update(
     ]
     per_batch = [stats for stats, t in zip(per_batch, running, strict=True) if not t.placeholder]
     parameters = policy.trainable_parameters()
+    for p in parameters:  # a pass not run is a zero gradient: AdamW still steps (moments decay)
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
     if not policy.sharded:  # FSDP2's reduce-scatter has averaged the sharded gradients
         average_gradients(parameters)
     grad_norm = global_grad_norm(parameters, config.max_grad_norm)
@@ -596,6 +612,7 @@ def update(
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     stats = mean_of(per_batch) if per_batch else {}
+    stats["policy_passes_skipped"] = float(len(trajectories) - len(running))
     return StepStats(
         loss=stats.pop("loss", float("nan")),
         grad_norm=grad_norm,

@@ -6,6 +6,7 @@ import json
 import math
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -14,11 +15,12 @@ from safetensors.torch import load_file
 from data.sample import DataError
 from grpo import distributed
 from grpo.config import load_config
-from grpo.trainer import build_trainer, train, train_step
+from grpo.trainer import Trajectory, add_fixed_logprobs, build_trainer, train, train_step, update
 from models import BACKEND
 from rewards.compute import RewardError
 from tests.launch import ROOT, torchrun
 from tests.training_helpers import PLUGIN, small_config, train_killed_then_resumed, write_ocr_jsonl
+from tests.vllm_helpers import image_prompts
 
 
 @pytest.fixture(scope="module")
@@ -239,3 +241,47 @@ def test_visual_token_counts_are_printed_at_start_up(
     counts = sorted(visual_token_counts(trainer.policy, trainer.stream.items))
     assert counts == sorted(expected)  # every sample counted (fewer than 1,000)
     assert f"min {min(expected)}, " in printed and f"max {max(expected)}" in printed
+
+
+def hand_trajectory(trainer: Any, advantages: list[float]) -> Trajectory:
+    """Two image prompts x G=2 fixed completions with the given advantages, as `collect`
+    leaves them (sampler log-probs the policy's own, fixed log-probs added)."""
+    policy, config = trainer.policy, trainer.config
+    encoded = policy.encode(image_prompts(policy)[:2])
+    batch = policy.rollout_batch(encoded, [[11, 12, 13], [14, 15], [16], [17, 18, 19]], 2)
+    features = policy.image_features(encoded)
+    with torch.no_grad():
+        sampler_logp = policy.logprobs(batch, config.temperature, image_features=features).logp
+    t = Trajectory(batch, torch.tensor(advantages), features, sampler_logp)
+    add_fixed_logprobs(policy, t, config)
+    return t
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_a_batch_without_advantage_skips_its_pass_and_steps_as_if_it_ran(
+    data_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, beta: float
+) -> None:
+    """An update with signal (AdamW's moments become non-zero), then one whose advantages are
+    all zero: with beta 0 its pass is skipped, and the weights end bit-identical to running it
+    (the zero gradient still decays the moments, so they move); with beta > 0 the KL term has
+    a gradient, so the pass runs."""
+    import grpo.trainer as trainer_module
+
+    ends, skipped = [], []
+    for forced in (False, True):
+        config = small_config(data_file, tmp_path / f"run-{forced}", beta=beta)
+        trainer = build_trainer(config, distributed.init_distributed(), BACKEND)
+        params = trainer.policy.trainable_parameters()
+        update(trainer.policy, trainer.optimizer, trainer.scheduler,
+               [hand_trajectory(trainer, [1.0, -1.0, 0.5, -0.5])], config)  # fmt: skip
+        moved = [p.detach().clone() for p in params]
+        if forced:
+            monkeypatch.setattr(trainer_module, "has_gradient", lambda t, s: True)
+        zero = hand_trajectory(trainer, [0.0, 0.0, 0.0, 0.0])
+        stats = update(trainer.policy, trainer.optimizer, trainer.scheduler, [zero], config)
+        monkeypatch.undo()
+        skipped.append(stats.loss_stats["policy_passes_skipped"])
+        ends.append([p.detach().clone() for p in params])
+        assert not all(torch.equal(a, b) for a, b in zip(moved, ends[-1], strict=True))
+    assert skipped == ([1.0, 0.0] if beta == 0 else [0.0, 0.0])
+    assert all(torch.equal(a, b) for a, b in zip(*ends, strict=True))
