@@ -132,6 +132,7 @@ class TrainConfig:
     report: bool = True  # <run>/report.html, rebuilt at every save
     # evaluation during training (grpo/training_eval.py)
     eval_steps: int = 0  # greedy evaluation every N steps and at step 0 (0: never)
+    eval_on_start: bool = True  # with eval_steps: evaluate the base model at step 0 too
     eval_data: str | None = None  # held-out data; None: eval_fraction, else the task's eval split
     eval_fraction: float = 0.0  # hold out this fraction of the training data instead
     eval_batch_size: int | None = None  # None: 8 with transformers, 64 with vLLM

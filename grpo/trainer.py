@@ -954,7 +954,8 @@ def run_steps(trainer: Trainer) -> Iterator[Path]:
 
     config, main = trainer.config, distributed.is_main_process()
     bar = tqdm(total=config.max_steps, initial=trainer.step, disable=not main, desc="GRPO")
-    if trainer.step == 0 and (base := evaluate_if_due(trainer)):  # the curve starts at the base
+    # the curve starts at the base model (unless --eval-on-start false)
+    if trainer.step == 0 and config.eval_on_start and (base := evaluate_if_due(trainer)):
         trainer.logger.log(0, base)
         keep_best_checkpoint(trainer, base)
     while trainer.step < config.max_steps:

@@ -8,7 +8,8 @@ measure is held-out accuracy (the `number` reward: the final number stated is ri
 training reward: greedy answers on a fixed set are far less noisy than 16 sampled completions
 of two prompts. The control: the same run with the gold answers permuted across the training
 questions, so a completion's reward is unrelated to its question; it may learn a format, but
-not to be right, and its held-out accuracy must not rise like the real run's.
+not to be right, and its held-out accuracy must not rise like the real run's. It starts from
+the same base model on the same questions, so it is evaluated at the end only.
 
 The bars come from the measured spread, not from one lucky run. An RL run is chaotic (a 1e-6
 change in a log-prob flips a sampled token and every later step differs: thread counts and the
@@ -54,8 +55,9 @@ def split_file(folder: Path, split: str, shuffle: bool = False, limit: int | Non
     return out
 
 
-def held_out_accuracy(tmp_path: Path, shuffle: bool) -> tuple[float, float]:
-    """(accuracy at step 0, accuracy after STEPS steps) on the same held-out questions."""
+def held_out_accuracy(tmp_path: Path, shuffle: bool) -> tuple[float | None, float]:
+    """(accuracy at step 0, accuracy after STEPS steps) on the same held-out questions; the
+    shuffled control skips step 0 (None)."""
     data = tmp_path / f"data-{shuffle}"
     config = TrainConfig(
         task="arith",
@@ -64,6 +66,7 @@ def held_out_accuracy(tmp_path: Path, shuffle: bool) -> tuple[float, float]:
         eval_data=str(split_file(data, "eval", limit=EVAL_SIZE)),
         eval_steps=STEPS,
         eval_batch_size=EVAL_SIZE,
+        eval_on_start=not shuffle,
         output_dir=str(tmp_path / f"run-{shuffle}"),
         prompts_per_step=2,
         num_generations=8,
@@ -81,18 +84,17 @@ def held_out_accuracy(tmp_path: Path, shuffle: bool) -> tuple[float, float]:
     run_dir = train(config, BACKEND)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
     evaluated = {row["step"]: row[ACCURACY] for row in rows if ACCURACY in row}
-    assert sorted(evaluated) == [0, STEPS], evaluated
-    return evaluated[0], evaluated[STEPS]
+    assert sorted(evaluated) == ([STEPS] if shuffle else [0, STEPS]), evaluated
+    return evaluated.get(0), evaluated[STEPS]
 
 
 @pytest.mark.slow
 def test_smollm2_learns_arith_only_with_true_answers(tmp_path: Path) -> None:
     before, after = held_out_accuracy(tmp_path, shuffle=False)
-    control_before, control_after = held_out_accuracy(tmp_path, shuffle=True)
+    _, control_after = held_out_accuracy(tmp_path, shuffle=True)
     print(
         f"held-out accuracy: {before:.3f} -> {after:.3f}; shuffled control -> {control_after:.3f}"
     )
-    assert control_before == before  # the same base model on the same questions
     assert after >= before + 0.10, f"did not learn: {before} -> {after}"
     one_question = 1 / EVAL_SIZE
     assert after >= control_after + one_question, f"the control did as well: {control_after}"

@@ -9,6 +9,7 @@ import shutil
 import struct
 import subprocess
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,17 @@ def test_eval_logged_at_step_0_and_every_n_equals_evaluate_py(
     base = evaluate_py(data[1], tmp_path / "base", model="tiny")
     assert_same_metrics(rows[0], base)
     assert (run / "eval" / "step-0.jsonl").is_file()
+
+
+def test_eval_on_start_false_skips_only_the_base_evaluation(
+    data: tuple[Path, Path], tmp_path: Path
+) -> None:
+    train_file, eval_file = data
+    config = small_config(
+        train_file, tmp_path / "run", max_steps=2, eval_steps=1, eval_data=str(eval_file)
+    )
+    run_dir = train(replace(config, eval_on_start=False), BACKEND)
+    assert sorted(eval_rows(run_dir)) == [1, 2]
 
 
 def test_save_best_keeps_the_best_checkpoint_beside_rotation(run: Path) -> None:
