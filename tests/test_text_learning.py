@@ -17,8 +17,10 @@ tests run before it are enough), so the same settings land in a range. Measured 
 machine, from 0.25 at step 0, after 10 steps: 0.375, 0.406, 0.531, 0.531 over seeds and runs;
 after 14 steps 0.406 and 0.500 (the policy oscillates, more steps are not steadier); lr 5e-4
 once collapsed to 0.03. The control's updates stop after a step or two (shuffled answers rarely
-reward any completion, so its advantages are zero) and it ends at 0.31-0.34. So: the real run
-gains at least 0.10 (3 of 32 questions) and ends at least one question above the control.
+reward any completion, so its advantages are zero, and its steps skip the policy pass) and it
+ends at 0.31-0.375 (0.375 once it no longer evaluated at step 0, which shifted its random
+stream). So: the real run gains at least 0.10 (3 of 32 questions) and ends at least one
+question above the control.
 """
 
 from __future__ import annotations
