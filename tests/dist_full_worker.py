@@ -15,9 +15,9 @@ import torch
 import grpo.trainer as trainer_module
 import models  # noqa: F401
 from grpo import distributed
-from grpo.trainer import Trajectory, add_fixed_logprobs, build_trainer, update
+from grpo.trainer import build_trainer, update
 from models import BACKEND
-from tests.training_helpers import small_config
+from tests.training_helpers import fixed_trajectory, small_config
 from tests.vllm_helpers import image_prompts
 
 GROUP, STEPS = 2, 2
@@ -30,18 +30,6 @@ BUCKET = 1 << 14  # elements per all-reduce: the tiny model's gradients in 7 buc
 # the global batch: 2 prompts x 2 completions, group-major, and their advantages
 COMPLETIONS = [[11, 12, 13, 14], [15, 16], [17, 18, 19], [20, 21, 22, 23]]
 ADVANTAGES = [1.0, -1.0, 0.5, -0.5]
-
-
-def trajectory(policy, prompts, completions, advantages, config) -> Trajectory:
-    """This rank's rows as the trainer would have collected them."""
-    encoded = policy.encode(prompts)
-    batch = policy.rollout_batch(encoded, completions, GROUP)
-    features = policy.image_features(encoded)
-    with torch.no_grad():
-        sampler_logp = policy.logprobs(batch, config.temperature, image_features=features).logp
-    t = Trajectory(batch, torch.tensor(advantages), features, sampler_logp)
-    add_fixed_logprobs(policy, t, config)
-    return t
 
 
 def main(data: str, out: str) -> None:
@@ -57,12 +45,13 @@ def main(data: str, out: str) -> None:
     mine = range(rank * per_rank, (rank + 1) * per_rank)  # whole groups on one rank
     rows = [j * GROUP + g for j in mine for g in range(GROUP)]
     for _ in range(STEPS):
-        t = trajectory(
+        t = fixed_trajectory(
             policy,
             [prompts[j] for j in mine],
             [COMPLETIONS[i] for i in rows],
             [ADVANTAGES[i] for i in rows],
             config,
+            GROUP,
         )
         update(policy, trainer.optimizer, trainer.scheduler, [t], config)
     weights = {n: p.detach().clone() for n, p in policy.model.named_parameters()}

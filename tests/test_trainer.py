@@ -15,11 +15,17 @@ from safetensors.torch import load_file
 from data.sample import DataError
 from grpo import distributed
 from grpo.config import load_config
-from grpo.trainer import Trajectory, add_fixed_logprobs, build_trainer, train, train_step, update
+from grpo.trainer import Trajectory, build_trainer, train, train_step, update
 from models import BACKEND
 from rewards.compute import RewardError
 from tests.launch import ROOT, torchrun
-from tests.training_helpers import PLUGIN, small_config, train_killed_then_resumed, write_ocr_jsonl
+from tests.training_helpers import (
+    PLUGIN,
+    fixed_trajectory,
+    small_config,
+    train_killed_then_resumed,
+    write_ocr_jsonl,
+)
 from tests.vllm_helpers import image_prompts
 
 
@@ -244,17 +250,10 @@ def test_visual_token_counts_are_printed_at_start_up(
 
 
 def hand_trajectory(trainer: Any, advantages: list[float]) -> Trajectory:
-    """Two image prompts x G=2 fixed completions with the given advantages, as `collect`
-    leaves them (sampler log-probs the policy's own, fixed log-probs added)."""
-    policy, config = trainer.policy, trainer.config
-    encoded = policy.encode(image_prompts(policy)[:2])
-    batch = policy.rollout_batch(encoded, [[11, 12, 13], [14, 15], [16], [17, 18, 19]], 2)
-    features = policy.image_features(encoded)
-    with torch.no_grad():
-        sampler_logp = policy.logprobs(batch, config.temperature, image_features=features).logp
-    t = Trajectory(batch, torch.tensor(advantages), features, sampler_logp)
-    add_fixed_logprobs(policy, t, config)
-    return t
+    """Two image prompts x G=2 fixed completions with the given advantages."""
+    completions = [[11, 12, 13], [14, 15], [16], [17, 18, 19]]
+    prompts = image_prompts(trainer.policy)[:2]
+    return fixed_trajectory(trainer.policy, prompts, completions, advantages, trainer.config, 2)
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.04])

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 from grpo.config import TrainConfig
+from grpo.trainer import Trajectory, add_fixed_logprobs
 
 PLUGIN = str(Path(__file__).parent / "plugins" / "training_rewards.py")
 
@@ -140,3 +143,24 @@ def train_killed_then_resumed(straight: TrainConfig, killed_dir: Path, monkeypat
     monkeypatch.setattr(trainer_module, "train_step", real_step)
     assert not (killed_dir / "checkpoint-4").exists()
     train(replace(killed, resume=True), BACKEND)
+
+
+def fixed_trajectory(
+    policy: Any,
+    prompts: list[Any],
+    completions: list[list[int]],
+    advantages: list[float],
+    config: TrainConfig,
+    group: int,
+) -> Trajectory:
+    """Given completions (group-major, `group` per prompt) with given advantages, as
+    `collect` leaves them: the sampler's log-probs are the policy's own, fixed log-probs
+    added."""
+    encoded = policy.encode(prompts)
+    batch = policy.rollout_batch(encoded, completions, group)
+    features = policy.image_features(encoded)
+    with torch.no_grad():
+        sampler_logp = policy.logprobs(batch, config.temperature, image_features=features).logp
+    t = Trajectory(batch, torch.tensor(advantages), features, sampler_logp)
+    add_fixed_logprobs(policy, t, config)
+    return t
