@@ -1,10 +1,10 @@
-"""One real-shaped model (tests/shape_cases.py) through the whole pipeline, in two halves,
-each a process of its own.
+"""One real-shaped model (tests/shape_cases.py) through the whole pipeline, in two halves.
 
 Run by tests/test_real_shapes_pipeline.py as `python tests/shape_worker.py NAME OUT --train`
 (build the model, one train_step with each sampler, a weight sync, save a checkpoint) and then
-`... --reload` (export the checkpoint, reload the export in transformers and in vLLM). A
-process per half keeps each half's peak RSS its own (VmHWM only grows) and gives all of its
+`... --reload` (export the checkpoint, reload the export in transformers and in vLLM), each a
+process of its own; for a small shape (Shape.one_process) `... --both`, the two in one process.
+A process per half keeps each half's peak RSS its own (VmHWM only grows) and gives all of its
 memory back before the next: a started vLLM engine keeps much of its own after close() (the
 7B shape's RSS stayed at 14 GiB with the trainer released), which the export's two fresh
 copies of the model would otherwise stack on. The worker measures and records; the test
@@ -64,6 +64,7 @@ class Stages:
     """RSS after each named stage: where the memory goes, case by case."""
 
     def __init__(self) -> None:
+        self.started = time.time()  # wall clock: the test lines up the halves' rows by it
         self.start = time.perf_counter()
         self.rows: dict[str, dict[str, float]] = {}
 
@@ -208,7 +209,8 @@ def train_main(name: str, out: Path) -> None:
     stage("model built and saved")
     result, ckpt = train_and_sync(shape, model, out, stage)
     report = {"result": result, "model": str(model), "checkpoint": str(ckpt), "stages": stage.rows}
-    (out / "train.json").write_text(json.dumps(report | {"peak": peak_rss_gib()}))
+    report |= {"peak": peak_rss_gib(), "started": stage.started}
+    (out / "train.json").write_text(json.dumps(report))
 
 
 def reload_main(name: str, out: Path) -> None:
@@ -223,9 +225,18 @@ def reload_main(name: str, out: Path) -> None:
         shutil.rmtree(used)
     stage("model, checkpoint and export deleted")
     report = {"result": result, "stages": stage.rows}
-    (out / "reload.json").write_text(json.dumps(report | {"peak": peak_rss_gib()}))
+    report |= {"peak": peak_rss_gib(), "started": stage.started}
+    (out / "reload.json").write_text(json.dumps(report))
+
+
+def both_main(name: str, out: Path) -> None:
+    """Both halves in this process, for a shape small enough that the export's copies fit
+    beside what the closed engine keeps (Shape.one_process): one interpreter's imports and
+    one tokenizer parse instead of two."""
+    train_main(name, out)
+    reload_main(name, out)
 
 
 if __name__ == "__main__":
-    halves = {"--train": train_main, "--reload": reload_main}
+    halves = {"--train": train_main, "--reload": reload_main, "--both": both_main}
     halves[sys.argv[3]](sys.argv[1], Path(sys.argv[2]))
