@@ -23,8 +23,9 @@ Tolerances, per token log-prob:
   LoRA weight: after the strong LoRA change below, W + BA rounded once against W and BA
   rounded apart), and a log-prob moves by several 1e-2, by ~0.1 at worst. Measured on the 72B
   shape, on two random draws of its weights (max over 4 tokens): vLLM after sync 0.062 and
-  0.124, the export in vLLM 0.031 and 0.032, the export in transformers 1.6e-4 and 0.0 (the
-  same kernels as the trainer). The bar is 0.25 nats: twice the worst seen, and far below what
+  0.124 (the transformers sampler, which samples with the LoRA merged as well, 0.124 too),
+  the export in vLLM 0.031 and 0.032, the export in transformers 1.6e-4 and 0.0 (merged, and
+  judged by a merged model). The bar is 0.25 nats: twice the worst seen, and far below what
   a sync or export bug moves (the LoRA change alone moves these log-probs by ~6 nats).
   A greedy token may then differ where the two best tokens are closer than that: a difference
   is accepted only where, at the first divergence, the judge scores the two tokens within the
