@@ -531,14 +531,14 @@ def average_gradients(parameters: list[torch.nn.Parameter]) -> None:
     tensors are small and fit one bucket; with full fine-tuning the buckets bound the extra
     memory to a few times GRADIENT_BUCKET instead of copies of every gradient (sharding the
     gradients themselves is what FSDP is for). Each gradient becomes a view of its bucket's
-    averaged buffer. The sum is elementwise, so bucketing changes no value.
+    averaged buffer. The sum is elementwise, so bucketing changes no value. Every parameter
+    has a gradient here (`update` gives a pass not run zeros).
     """
     world = distributed.get_world_size()
     if world == 1:
         return
     for bucket in gradient_buckets(parameters, GRADIENT_BUCKET):
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket]
-        flat = distributed.all_reduce_sum(torch.cat([g.flatten() for g in grads]))  # [sum n]
+        flat = distributed.all_reduce_sum(torch.cat([p.grad.flatten() for p in bucket]))  # [sum n]
         flat /= world
         offset = 0
         for p in bucket:
