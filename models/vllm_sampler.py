@@ -222,7 +222,8 @@ def create_engine(args: dict[str, Any]) -> Any:
     vLLM's CPU worker replaces torch.set_num_threads with a no-op for the whole process, and
     engine start-up reseeds the global RNGs (torch, numpy, random) with the engine seed; the
     trainer's thread control and random streams are put back afterwards. The engine's own
-    tokenizer load reuses the one this process already parsed (models/tokenizer_cache.py).
+    tokenizer load goes through models/tokenizer_cache.py: keyed by vLLM's arguments, so the
+    first engine of a process parses it and every later engine reuses that parse.
     """
     use_in_process_engine()
     from vllm import LLM
