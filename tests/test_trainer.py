@@ -271,8 +271,8 @@ def test_a_batch_without_advantage_skips_its_pass_and_steps_as_if_it_ran(
         config = small_config(data_file, tmp_path / f"run-{forced}", beta=beta)
         trainer = build_trainer(config, distributed.init_distributed(), BACKEND)
         params = trainer.policy.trainable_parameters()
-        update(trainer.policy, trainer.optimizer, trainer.scheduler,
-               [hand_trajectory(trainer, [1.0, -1.0, 0.5, -0.5])], config)  # fmt: skip
+        signal = hand_trajectory(trainer, [1.0, -1.0, 0.5, -0.5])
+        update(trainer.policy, trainer.optimizer, trainer.scheduler, [signal], config)
         moved = [p.detach().clone() for p in params]
         if forced:
             monkeypatch.setattr(trainer_module, "has_gradient", lambda t, s: True)

@@ -9,7 +9,6 @@ import shutil
 import struct
 import subprocess
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -100,9 +99,14 @@ def test_eval_on_start_false_skips_only_the_base_evaluation(
 ) -> None:
     train_file, eval_file = data
     config = small_config(
-        train_file, tmp_path / "run", max_steps=2, eval_steps=1, eval_data=str(eval_file)
+        train_file,
+        tmp_path / "run",
+        max_steps=2,
+        eval_steps=1,
+        eval_on_start=False,
+        eval_data=str(eval_file),
     )
-    run_dir = train(replace(config, eval_on_start=False), BACKEND)
+    run_dir = train(config, BACKEND)
     assert sorted(eval_rows(run_dir)) == [1, 2]
 
 
