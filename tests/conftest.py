@@ -34,6 +34,18 @@ def images() -> list[Image.Image]:
     return out
 
 
+def pytest_report_header() -> str:
+    """The machine's fresh-memory rate (bench/memory_touch.py): on a VM whose host backs memory
+    lazily it, not the CPU, sets the big cases' time."""
+    from bench.memory_touch import touch_rates
+
+    rates = touch_rates(2 << 30)  # past the ~1 GiB a slow host still had at hand
+    return (
+        f"memory: fresh pages (2 GiB) {rates['fresh_gb_per_s']:.2f} GB/s, pages already held "
+        f"{rates['reused_gb_per_s']:.1f} GB/s (bench/memory_touch.py)"
+    )
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """Peak RSS and time of each real-shape case (tests/test_real_shapes_pipeline.py), in the
     log without -s."""
