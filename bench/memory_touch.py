@@ -8,8 +8,8 @@ tens of GB of fresh memory, so this rate, not the CPU, sets their time. On this 
 27; the Qwen2.5-VL-3B case alone 102 s against 338 s). That day a 1 GiB block was still fresh
 at 2.4 GB/s but a 2 GiB one at 0.2 GB/s (6 GiB: 0.1-0.4 GB/s, against 2.2 GB/s earlier the same
 day), while memory already held was rewritten at ~17 GB/s throughout; torch's
-THP_MEM_ALLOC_ENABLE=1 did not change the case's time. pytest prints the 2 GiB figure in its
-header (tests/conftest.py), so a slow CI run says why.
+THP_MEM_ALLOC_ENABLE=1 did not change the case's time. In CI (CI set) pytest prints the 2 GiB
+figure in its header (tests/conftest.py), so a slow CI run says why.
 
     python bench/memory_touch.py [--mib 2048]
 """
