@@ -1,26 +1,26 @@
 """GRPO teaches the real SmolLM2-135M-Instruct the arith task on the CPU, and only because the
 rewards carry the answer.
 
-The run: the arith preset's numbers (2 prompts x G=8 completions, LoRA r=16, lr 2e-4, beta 0)
-for STEPS steps with the transformers sampler, evaluated greedily on EVAL_SIZE held-out
-questions at step 0 (the base model) and at the end, by the trainer's own evaluation. The
-measure is held-out accuracy (the `number` reward: the final number stated is right), not the
-training reward: greedy answers on a fixed set are far less noisy than 16 sampled completions
-of two prompts. The control: the same run with the gold answers permuted across the training
-questions, so a completion's reward is unrelated to its question; it may learn a format, but
-not to be right, and its held-out accuracy must not rise like the real run's. It starts from
-the same base model on the same questions, so it is evaluated at the end only.
+The run: the arith preset's numbers (G=8 completions, LoRA r=16, lr 2e-4, beta 0) but 4 prompts
+a step where it has 2 (below) and 48 new tokens, for STEPS steps with the transformers sampler,
+evaluated greedily on EVAL_SIZE held-out questions at step 0 (the base model) and at the end, by
+the trainer's own evaluation. The measure is held-out accuracy (the `number` reward: the final
+number stated is right), not the training reward: greedy answers on a fixed set are far less
+noisy than the sampled completions of a few prompts. The control: the same run with the gold
+answers permuted across the training questions, so a completion's reward is unrelated to its
+question; it may learn a format, but not to be right, and its held-out accuracy must not rise
+like the real run's. It starts from the same base model on the same questions, so it is
+evaluated at the end only.
 
 The bars come from the measured spread, not from one lucky run. An RL run is chaotic (a 1e-6
-change in a log-prob flips a sampled token and every later step differs: thread counts and the
-tests run before it are enough), so the same settings land in a range. Measured on this
-machine, from 0.25 at step 0, after 10 steps: 0.375, 0.406, 0.531, 0.531 over seeds and runs;
-after 14 steps 0.406 and 0.500 (the policy oscillates, more steps are not steadier); lr 5e-4
-once collapsed to 0.03. The control's updates stop after a step or two (shuffled answers rarely
-reward any completion, so its advantages are zero, and its steps skip the policy pass) and it
-ends at 0.31-0.375 (0.375 once it no longer evaluated at step 0, which shifted its random
-stream). So: the real run gains at least 0.10 (3 of 32 questions) and ends at least one
-question above the control.
+change in a log-prob flips a sampled token and every later step differs: the CPU's kernels,
+thread counts and the tests run before it are enough), so the same settings land in a range.
+With 2 prompts a step the range was too wide: from 0.25 at step 0, after 10 steps, 0.31-0.53
+over seeds here, and 0.22 once in CI on another machine. 4 prompts a step average twice the
+groups into each update; measured here after 10 steps, seeds 0-4: 0.56, 0.59, 0.59, 0.53, 0.50
+(~145 s a run on 2 idle cores); the shuffled control, seeds 0-1: 0.16, 0.22 (it is rarely
+rewarded, so it barely moves, and then not towards right answers). So: the real run gains at
+least 0.10 (4 of 32 questions) and ends at least one question above the control.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def held_out_accuracy(tmp_path: Path, shuffle: bool) -> tuple[float | None, floa
         eval_batch_size=EVAL_SIZE,
         eval_on_start=not shuffle,
         output_dir=str(tmp_path / f"run-{shuffle}"),
-        prompts_per_step=2,
+        prompts_per_step=4,
         num_generations=8,
         max_completion_length=48,
         learning_rate=2e-4,
