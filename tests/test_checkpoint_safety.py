@@ -157,9 +157,19 @@ def start(config_file: Path, *flags: str) -> subprocess.Popen:
     )
 
 
-def kill_after_a_new_checkpoint(process: subprocess.Popen, run_dir: Path, rng: random.Random):
-    """SIGKILL `process` a random moment after it wrote a checkpoint newer than the ones
-    there now (so a resume always has one); returns whether it finished first."""
+def step_seconds(run_dir: Path) -> float:
+    """How long one step and its save took in a run that saved every step: the time between
+    its first two checkpoints' manifests (each written last, when its checkpoint is whole)."""
+    first, second = (run_dir / f"checkpoint-{k}" / "manifest.json" for k in (1, 2))
+    return second.stat().st_mtime - first.stat().st_mtime
+
+
+def kill_after_a_new_checkpoint(
+    process: subprocess.Popen, run_dir: Path, rng: random.Random, window: float
+) -> bool:
+    """SIGKILL `process` a random moment within `window` seconds after it wrote a checkpoint
+    newer than the ones there now (so a resume always has one); returns whether it finished
+    first."""
     before = {p.name for p in run_dir.glob("checkpoint-*")}
     deadline = time.monotonic() + 300
     while {p.name for p in run_dir.glob("checkpoint-*")} <= before:
@@ -167,7 +177,7 @@ def kill_after_a_new_checkpoint(process: subprocess.Popen, run_dir: Path, rng: r
             return True
         assert time.monotonic() < deadline, "no checkpoint within 300 s"
         time.sleep(0.05)
-    time.sleep(rng.uniform(0.0, 2.5))  # anywhere in the next step, its log or its save
+    time.sleep(rng.uniform(0.0, window))  # anywhere in the next step, its log or its save
     if process.poll() is not None:
         return True
     os.kill(process.pid, signal.SIGKILL)
@@ -185,9 +195,13 @@ def test_kill_9_at_random_moments_then_resume_equals_uninterrupted(
     run_dir = tmp_path / "run"
     config_file = tmp_path / "config.yaml"
     config_file.write_text(to_yaml(reference_config(data_file, run_dir)))
+    # one step of the uninterrupted run on this machine, not a fixed time: a fixed 2.5 s let a
+    # fast machine finish the remaining steps before the kill came
+    window = step_seconds(reference_run)
+    print(f"kills within {window:.2f} s of a checkpoint")
     process, kills = start(config_file), 0
     for _ in range(2):
-        if kill_after_a_new_checkpoint(process, run_dir, rng):
+        if kill_after_a_new_checkpoint(process, run_dir, rng, window):
             break
         kills += 1
         process = start(config_file, "--resume")
