@@ -59,7 +59,8 @@ REPORTED = ("sync", "export_hf", "export_vllm")
 # All six passed in one clean-clone CI run here at 6aece1f (2-core, 24 GiB), then all in
 # float32 but the 72B; the whole run took 48 min against CI's 40. The bf16 7B-class cases
 # (tests/shape_cases.py) cost about what the float32 VL-7B alone did. Left out: the 72B
-# (bf16, 17.2 GiB, 428 s), whose vocabulary matrices are 2.3x the 7B's.
+# (bf16: 428 s at a 17.2 GiB peak on the AMD EPYC host, 228 s at 21.8 GiB on an Intel Xeon,
+# too close to the 24 GiB beside pytest's own few), its vocabulary matrices 2.3x the 7B's.
 CI_SHAPES = (
     "qwen2.5-vl-3b-instruct",
     "qwen2.5-vl-7b-instruct",

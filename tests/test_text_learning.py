@@ -15,12 +15,13 @@ evaluated at the end only.
 The bars come from the measured spread, not from one lucky run. An RL run is chaotic (a 1e-6
 change in a log-prob flips a sampled token and every later step differs: the CPU's kernels,
 thread counts and the tests run before it are enough), so the same settings land in a range.
-With 2 prompts a step the range was too wide: from 0.25 at step 0, after 10 steps, 0.31-0.53
-over seeds here, and 0.22 once in CI on another machine. 4 prompts a step average twice the
-groups into each update; measured here after 10 steps, seeds 0-4: 0.56, 0.59, 0.59, 0.53, 0.50
-(~145 s a run on 2 idle cores); the shuffled control, seeds 0-1: 0.16, 0.22 (it is rarely
-rewarded, so it barely moves, and then not towards right answers). So: the real run gains at
-least 0.10 (4 of 32 questions) and ends at least one question above the control.
+With 2 prompts a step the range was too wide: from 0.25 at step 0, after 10 steps, 0.38-0.53
+over seeds and runs on the 2-vCPU AMD EPYC host, 0.22 once in CI, 0.31-0.47 over seeds 1-3 on an
+Intel Xeon host. 4 prompts a step average twice the groups into each update; on the Xeon after
+10 steps, seeds 0-4: 0.56, 0.59, 0.59, 0.53, 0.50 (~145 s a run on 2 idle cores); the shuffled
+control, seeds 0-1: 0.16, 0.22 (it is rarely rewarded, so it barely moves, and then not towards
+right answers). So: the real run gains at least 0.10 (4 of 32 questions) and ends at least one
+question above the control.
 """
 
 from __future__ import annotations
