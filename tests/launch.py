@@ -26,6 +26,9 @@ def torchrun(
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
     env.update(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
+    # a rank that aborts (SIGABRT, SIGSEGV) prints its Python threads' stacks: once in CI a
+    # rank died of "terminate called without an active exception" and nothing said where
+    env.update(PYTHONFAULTHANDLER="1")
     command = [
         sys.executable,
         "-m",
@@ -45,5 +48,12 @@ def torchrun(
         command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
     )
     if check:
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert result.returncode == 0, result.stdout[-3000:] + failure_part(result.stderr)
     return result
+
+
+def failure_part(stderr: str, size: int = 6000) -> str:
+    """The part of the ranks' stderr that says why: from the first fatal error's stack dump
+    (torchrun's own traceback follows it), else the tail."""
+    start = stderr.find("Fatal Python error")
+    return stderr[start : start + size] if start >= 0 else stderr[-size:]
