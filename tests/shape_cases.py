@@ -9,12 +9,11 @@ dtype: one Qwen2.5-VL (3B) and one Qwen2.5 (0.5B) in float32, where the test's l
 tolerance is 1e-4 and so catches any small difference between the trainer, vLLM and the
 export; the others in bfloat16, their published torch_dtype and what a GPU runs, at the bf16
 tolerance (tests/test_real_shapes_pipeline.py). bf16 halves each case's memory, and on this
-VM a case's time follows the fresh memory it touches: on an Intel Xeon host (AVX512-BF16),
-the VL-7B took 223 s at a 16.9 GiB peak in float32 and 130 s at 10.1 GiB in bf16, the 7B text
-model 137 s at 9.5 GiB in bf16 and the 1.5B 45 s at 6.3 GiB (on the AMD EPYC host, in
-float32: 230 s at 15.8 GiB and 63 s at 10.4 GiB). The 72B cannot run in float32 here: its
-two untied 152064 x 8192 embedding matrices alone are 2.5 G parameters, 10 GB in float32 and
-so 20 GB for the policy and vLLM's copy; in bf16 the whole one-layer model is ~7 GB a copy.
+VM a case's time follows the fresh memory it touches (the VL-7B: 223 s at a 16.9 GiB peak in
+float32, 129 s at 10.0 GiB in bf16; README "Testing without a GPU" has every case's figures).
+The 72B cannot run in float32 here: its two untied 152064 x 8192 embedding matrices alone are
+2.5 G parameters, 10 GB in float32 and so 20 GB for the policy and vLLM's copy; in bf16 the
+whole one-layer model is ~7 GB a copy.
 """
 
 from __future__ import annotations
