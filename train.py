@@ -16,6 +16,7 @@ from __future__ import annotations
 import sys
 
 import models  # the torchvision shim must precede transformers' imports
+from grpo import distributed
 from grpo.config import load_config
 from grpo.trainer import train
 from models.loading import ModelLoadError
@@ -50,6 +51,8 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         sys.exit(f"error: {one_line(e)}")
+    # train() has returned, so its trainer (which holds the process group) is gone
+    distributed.cleanup()
     print(f"run finished: {run_dir}")
 
 

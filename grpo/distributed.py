@@ -10,6 +10,7 @@ differentiable.
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -64,6 +65,7 @@ def init_distributed(backend: str | None = None) -> DistInfo:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
+        _import_group_defaults()
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
     backend = str(dist.get_backend())
     return DistInfo(rank, world_size, local_rank, device, backend)
@@ -144,10 +146,35 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+_MESHES: list[Any] = []  # the device meshes made here, whose groups cleanup() lets go
+
+
+def _import_group_defaults() -> None:
+    """Import torch.distributed.nn.functional while no process group exists. Its functions'
+    `group=group.WORLD` defaults are read at import, and torch.distributed.checkpoint imports
+    it: imported later they would hold the group for the rest of the process (see cleanup)."""
+    import torch.distributed.nn.functional  # noqa: F401
+
+
 def cleanup() -> None:
-    """Destroy the process group if there is one."""
+    """Destroy the process group if there is one (vLLM's teardown may have done so) and free
+    it now, while the interpreter is whole.
+
+    Call it after the last collective, once the trainer is dropped (its FSDP state holds the
+    group). destroy_process_group only forgets the group: the C++ object, and a gloo group's
+    worker threads, live while anything refers to it. Freed in interpreter shutdown instead,
+    a worker thread can drop its last tensor after the GIL is gone and abort a run that had
+    finished (SIGABRT, "terminate called without an active exception"; seen in CI). Besides
+    the trainer, torch keeps the group through the device meshes in DTensor's caches and
+    torch.distributed.nn's defaults (`_import_group_defaults`).
+    """
     if is_distributed():
         dist.destroy_process_group()
+    # DTensor's caches keep every device mesh they met, and a mesh holds its groups
+    for mesh in _MESHES:
+        mesh._pg_registry.clear()
+    _MESHES.clear()
+    gc.collect()  # the trainer's reference cycles: the group goes with the last of them
 
 
 def broadcast_tensor(t: torch.Tensor, src: int = 0) -> torch.Tensor:
@@ -170,5 +197,8 @@ def device_mesh(info: DistInfo) -> Any:
 
     if not is_distributed():
         backend = "nccl" if info.device.type == "cuda" else "gloo"
+        _import_group_defaults()
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    return init_device_mesh(info.device.type, (get_world_size(),))
+    mesh = init_device_mesh(info.device.type, (get_world_size(),))
+    _MESHES.append(mesh)
+    return mesh

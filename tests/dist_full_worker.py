@@ -17,6 +17,7 @@ import models  # noqa: F401
 from grpo import distributed
 from grpo.trainer import build_trainer, update
 from models import BACKEND
+from tests.launch import cleanup_checked
 from tests.training_helpers import fixed_trajectory, small_config
 from tests.vllm_helpers import image_prompts
 
@@ -57,7 +58,7 @@ def main(data: str, out: str) -> None:
     weights = {n: p.detach().clone() for n, p in policy.model.named_parameters()}
     torch.save(weights, Path(out) / f"weights-world{world}-rank{rank}.pt")
     distributed.barrier()
-    distributed.cleanup()
+    cleanup_checked()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import sys
 
 from grpo import distributed
 from grpo.metrics import reduce_metrics
+from tests.launch import cleanup_checked
 
 
 def main(out: str) -> None:
@@ -23,7 +24,7 @@ def main(out: str) -> None:
     reduced = reduce_metrics(metrics)
     with open(f"{out}.rank{info.rank}", "w") as f:
         json.dump(reduced, f)
-    distributed.cleanup()
+    cleanup_checked()
 
 
 if __name__ == "__main__":

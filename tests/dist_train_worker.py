@@ -12,6 +12,7 @@ import models  # noqa: F401
 from grpo import distributed
 from grpo.trainer import build_trainer, train_step
 from models import BACKEND
+from tests.launch import cleanup_checked
 from tests.training_helpers import small_config
 
 
@@ -35,7 +36,7 @@ def main(data: str, out: str) -> None:
     with (Path(out) / "completions.json").open("a") as f:
         f.write(json.dumps(records) + "\n")
     distributed.barrier()
-    distributed.cleanup()
+    cleanup_checked()
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from models.policy import Policy
 from models.samplers import TransformersSampler
 from models.sharding import sharded_sync_batches
 from models.tiny import tiny_model_path
+from tests.launch import cleanup_checked
 from tests.vllm_helpers import VLLM_TINY, image_prompts, new_sampler
 
 GREEDY = SamplingSettings(max_new_tokens=8, greedy=True)
@@ -48,6 +49,11 @@ def train_towards(policy: Policy, prompt, target: list[int]) -> int:
 
 
 def main(out_dir: str, mode: str) -> None:
+    run(out_dir, mode)
+    cleanup_checked()  # after run(): its sharded policy, which holds the group, is gone
+
+
+def run(out_dir: str, mode: str) -> None:
     info = distributed.init_distributed()
     out = Path(out_dir)
     torch.manual_seed(0)  # the same LoRA initialisation on every rank

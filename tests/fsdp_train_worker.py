@@ -13,6 +13,7 @@ from pathlib import Path
 import models  # noqa: F401
 from grpo.trainer import train
 from models import BACKEND
+from tests.launch import cleanup_checked
 from tests.training_helpers import small_config
 
 
@@ -29,6 +30,7 @@ def main(data: str, out: str, steps: str, *mode: str) -> None:
         lr_scheduler="constant",  # the schedule must not depend on max_steps: 2 steps + 1 = 3
     )
     train(config, BACKEND)
+    cleanup_checked()  # as train.py does
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from grpo.trainer import Trainer, Trajectory, add_fixed_logprobs, build_trainer,
 from grpo.trainer import update as update_step
 from models import BACKEND
 from models.sharding import is_dtensor
+from tests.launch import cleanup_checked
 from tests.training_helpers import small_config
 
 GLOBAL_TRAJECTORIES = 2
@@ -127,6 +128,11 @@ def parse_overrides(items: list[str]) -> dict[str, object]:
 
 
 def main(data: str, out_dir: str, mode: str, steps: str, *flags: str) -> None:
+    run(data, out_dir, mode, steps, *flags)
+    cleanup_checked()  # after run(): its trainer, which holds the process group, is gone
+
+
+def run(data: str, out_dir: str, mode: str, steps: str, *flags: str) -> None:
     info = distributed.init_distributed()
     out = Path(out_dir)
     overrides = parse_overrides(list(flags))
@@ -149,7 +155,6 @@ def main(data: str, out_dir: str, mode: str, steps: str, *flags: str) -> None:
         record["reference_sharded"] = [all(is_dtensor(p) for p in reference.parameters())]
     dump(trainer, out, record, name)
     distributed.barrier()
-    distributed.cleanup()
 
 
 if __name__ == "__main__":

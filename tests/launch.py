@@ -57,3 +57,19 @@ def failure_part(stderr: str, size: int = 6000) -> str:
     (torchrun's own traceback follows it), else the tail."""
     start = stderr.find("Fatal Python error")
     return stderr[start : start + size] if start >= 0 else stderr[-size:]
+
+
+def cleanup_checked() -> None:
+    """A worker's last call: grpo.distributed.cleanup(), then fail unless the process group
+    is freed by it. A group that outlives it dies in interpreter shutdown, where a gloo worker
+    thread can abort the process after the work is done (two CI runs lost a rank that way)."""
+    import weakref
+
+    import torch.distributed as dist
+
+    from grpo import distributed
+
+    world = weakref.ref(dist.group.WORLD) if dist.is_initialized() else None
+    distributed.cleanup()
+    if world is not None and world() is not None:
+        raise AssertionError("the process group outlived grpo.distributed.cleanup()")
