@@ -70,7 +70,7 @@ class VLLMSettings:
     sleep: bool = False  # free engine memory between generation and training (GPU only)
     dtype: str | None = None  # None: the policy's dtype
     seed: int = 0  # the engine of rank r uses seed + r
-    enforce_eager: bool | None = None  # None: True on CPU (no graphs there), False on GPU
+    enforce_eager: bool | None = None  # None: True on CPU (compiling adds ~60 s), False on GPU
     kv_cache_gib: float | None = None  # None: 1 GiB on CPU, sized by utilization on GPU
     chunked_prefill: bool | None = None  # None: vLLM's default
     max_num_batched_tokens: int | None = None  # tokens per engine step (None: vLLM's default)
