@@ -31,6 +31,8 @@ import models.cpu_compat  # noqa: F401  (peft imports transformers' image code)
 PEFT_PREFIX = "base_model.model."
 # Projections the engine stores as one fused matrix: a reload must carry the whole group.
 FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+# float32 elements merged at a time (64 MB): bounds the transient of merged_weight
+MERGE_BLOCK_ELEMENTS = 2**24
 LORA_TENSOR_MARKERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude")
 
 
@@ -56,18 +58,36 @@ def lora_linears(model: nn.Module) -> dict[str, nn.Module]:
 
 
 @torch.no_grad()
-def merged_weight(layer: nn.Module) -> torch.Tensor:
+def merged_weight(layer: nn.Module, block_elements: int = MERGE_BLOCK_ELEMENTS) -> torch.Tensor:
     """W + sum_a s_a * B_a @ A_a for one peft LoRA linear: a new tensor [out, in], W's dtype.
 
-    The product is formed in float32 (as peft does on CPU for half precision) and cast back.
+    Each element is formed in float32 (as peft does on CPU for half precision) and cast back
+    once. Rows are merged a block at a time (about `block_elements` per block): a float32 copy
+    of a whole matrix would cost 4 bytes per weight beside the model (1 GB for one 72B MLP
+    projection, three such transients at once in the whole-matrix form), a block costs 64 MB.
     """
     base = layer.get_base_layer()
     if not isinstance(base, nn.Linear):
         raise NotImplementedError(f"merging LoRA into {type(base).__name__} is not supported")
-    weight = base.weight  # [out, in]
-    merged = weight.detach().float()  # a copy unless W is float32; never written in place
-    if layer.disable_adapters:
-        return merged.to(weight.dtype).clone()
+    weight = base.weight.detach()  # [out, in] (stored [in, out] if fan_in_fan_out)
+    factors = [] if layer.disable_adapters else _unmerged_factors(layer)
+    merged = torch.empty_like(weight)  # never a view of W: the caller owns the result
+    rows_per_block = max(1, block_elements // max(1, weight.shape[1]))
+    for start in range(0, weight.shape[0], rows_per_block):
+        rows = slice(start, start + rows_per_block)
+        block = weight[rows].to(torch.float32, copy=True)  # [rows, in]; W is never written
+        for a, b, scale in factors:  # a [r, in], b [out, r], float32
+            if layer.fan_in_fan_out:  # stored W^T: these rows are columns of B @ A
+                block += scale * (b @ a[:, rows]).T  # [rows, out]
+            else:
+                block += scale * (b[rows] @ a)  # [rows, in]
+        merged[rows] = block.to(weight.dtype)
+    return merged
+
+
+def _unmerged_factors(layer: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+    """(A_a, B_a, s_a) in float32 for each active adapter not already merged into W."""
+    factors = []
     for adapter in layer.active_adapters:
         if adapter not in layer.lora_A or adapter in layer.merged_adapters:
             continue  # not on this layer, or already inside W
@@ -75,9 +95,8 @@ def merged_weight(layer: nn.Module) -> torch.Tensor:
             raise NotImplementedError("DoRA adapters are not supported by this merge")
         a = layer.lora_A[adapter].weight.float()  # [r, in]
         b = layer.lora_B[adapter].weight.float()  # [out, r]
-        delta = (b @ a) * layer.scaling[adapter]  # [out, in]
-        merged = merged + (delta.T if layer.fan_in_fan_out else delta)
-    return merged.to(weight.dtype)
+        factors.append((a, b, layer.scaling[adapter]))
+    return factors
 
 
 def _fused_siblings(module_name: str) -> list[str]:

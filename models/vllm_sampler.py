@@ -48,6 +48,7 @@ from models.tokenizer_cache import tokenizer_loads_cached, tokenizers_passed_by_
 from models.weight_sync import (
     add_adapter,
     push_weights,
+    release_input_embedding_gemm,
     remove_adapter,
     reset_caches,
     save_adapter,
@@ -269,6 +270,7 @@ class VLLMSampler:
         k = settings.tensor_parallel_size
         self.tensor_parallel = TensorParallelGroup(k) if k > 1 else None
         self.llm = create_engine(args)
+        release_input_embedding_gemm(self.llm)
         self.banned_words = self._vision_words(policy)
         self.asleep: set[str] = set()  # tags vLLM currently has asleep: "weights", "kv_cache"
         self.adapter: Any = None  # the LoRARequest in use (adapter sync)
@@ -398,6 +400,7 @@ class VLLMSampler:
             push_weights(self.llm, merged_lora_weights(policy))
         else:  # no adapter: the whole model is trained, so all of it moves
             push_weights(self.llm, merged_state_dict(policy).items())
+        release_input_embedding_gemm(self.llm)  # a reload of the embedding packs it again
         reset_caches(self.llm)
 
     def _push_sharded(self, policy: Any) -> None:

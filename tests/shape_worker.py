@@ -188,15 +188,17 @@ def reload_export(shape: Shape, ckpt: Path, out: Path, want: list[int], stage: S
     pixels = dict(min_pixels=28 * 28, max_pixels=56 * 56) if shape.vision else {}
     settings = PolicySettings(model=str(exported), lora_r=0, dtype=shape.dtype, **pixels)
     merged = make_policy(settings, torch.device("cpu"))
-    prompt = probe_prompt(merged)
-    result = {"export_hf": scored(TransformersSampler(merged), merged, prompt, want)}
-    stage("export reloaded in transformers")
+    # the engine first: loading packs copies it frees again, and the policy's weights are
+    # still unread pages of the export's file then, not resident memory stacked beneath
     engine = VLLMSampler(
         merged, VLLMSettings(kv_cache_gib=KV_CACHE_GIB, max_model_len=MAX_MODEL_LEN)
     )
-    result["export_vllm"] = scored(engine, merged, prompt, want)
+    prompt = probe_prompt(merged)
+    result = {"export_vllm": scored(engine, merged, prompt, want)}
     engine.close()
     stage("export reloaded in vLLM")
+    result["export_hf"] = scored(TransformersSampler(merged), merged, prompt, want)
+    stage("export reloaded in transformers")
     return result
 
 

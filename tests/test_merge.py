@@ -65,6 +65,38 @@ def test_merge_on_hand_numbers() -> None:
         torch.testing.assert_close(merged_weight(layer), layer.base_layer.weight)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_elements", [1, 3 * 5, 10**6])  # a row, three rows, all
+def test_merge_in_row_blocks_equals_elementwise_sum(
+    dtype: torch.dtype, block_elements: int
+) -> None:
+    """W'[i, j] = W[i, j] + s * sum_k B[i, k] A[k, j], however many rows a block holds; W
+    itself is left as it was."""
+    from peft import LoraConfig, get_peft_model
+
+    class One(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(5, 7, bias=False, dtype=dtype)  # W [out=7, in=5]
+
+    model = get_peft_model(One(), LoraConfig(r=2, lora_alpha=6, target_modules=["proj"]))
+    layer = model.base_model.model.proj
+    _randomise_lora(model, seed=3)
+    with torch.no_grad():
+        layer.base_layer.weight.copy_(torch.randn(7, 5, generator=torch.Generator().manual_seed(4)))
+    w = layer.base_layer.weight.detach().clone()
+    a, b = layer.lora_A["default"].weight.float(), layer.lora_B["default"].weight.float()
+    expected = torch.empty(7, 5, dtype=dtype)
+    for i in range(7):
+        for j in range(5):
+            change = sum(float(b[i, k]) * float(a[k, j]) for k in range(2))
+            expected[i, j] = float(w[i, j]) + 3.0 * change  # s = alpha / r = 3
+    merged = merged_weight(layer, block_elements=block_elements)
+    assert merged.dtype == dtype
+    torch.testing.assert_close(merged, expected, rtol=0, atol=1e-6 if dtype == torch.float32 else 0)
+    assert torch.equal(layer.base_layer.weight, w)
+
+
 def test_merged_weights_equal_peft_merge(
     policy: Policy, peft_merged: dict[str, torch.Tensor]
 ) -> None:

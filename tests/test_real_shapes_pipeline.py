@@ -47,6 +47,7 @@ from typing import Any
 
 import pytest
 
+from grpo import host_heap
 from tests.launch import ROOT
 from tests.shape_cases import SHAPES, Shape
 from tests.shape_report import record
@@ -99,9 +100,11 @@ def run_worker(shape: Shape, out: Path) -> dict[str, Any]:
         f" + {shape.vision_layers} vision" if shape.vision else ""
     )
     gaps = ", ".join(f"{k} {logprob_gap(result[k]):.1e}" for k in REPORTED)
+    beside = host_heap.rss_bytes() / 2**30  # this pytest process, resident all along
     record(
-        f"{shape.name} ({layers} layers, {shape.dtype}): peak RSS {result['peak_rss_gib']:.1f} GiB,"
-        f" {result['seconds']:.0f} s; max |log-prob - trainer's|: {gaps}"
+        f"{shape.name} ({layers} layers, {shape.dtype}): peak RSS {result['peak_rss_gib']:.1f} GiB"
+        f" (pytest's own {beside:.1f}), {result['seconds']:.0f} s;"
+        f" max |log-prob - trainer's|: {gaps}"
     )
     return result
 

@@ -139,3 +139,40 @@ def test_adapter_sync_gives_the_same_model(trained: Trained) -> None:
     after = trained.adapter.generate([trained.prompt], 1, GREEDY)
     assert after.completion_ids == [trained.target]
     assert_matches_trainer(trained, after)
+
+
+def packed_vocabulary_matmuls(sampler: Any) -> dict[str, bool]:
+    """Each vocabulary module of the engine's model: does it hold a packed CPU matmul?"""
+
+    def probe(model: torch.nn.Module) -> dict[str, bool]:
+        from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+        linear = torch.nn.functional.linear
+        return {
+            name: getattr(module, "cpu_linear", linear) is not linear
+            for name, module in model.named_modules()
+            if isinstance(module, VocabParallelEmbedding)
+        }
+
+    (found,) = sampler.llm.apply_model(probe)
+    return found
+
+
+def test_only_the_output_head_keeps_a_packed_matmul(trained: Trained) -> None:
+    """vLLM on CPU packs the input embedding as if it were a head; the sampler frees that copy
+    at start and again after a reload that packed it anew. The tiny model ties its head to the
+    embedding, and the head is a module of its own: it keeps its matmul."""
+    from models.weight_sync import push_weights
+
+    for sampler in (trained.merged, trained.adapter):
+        found = packed_vocabulary_matmuls(sampler)
+        assert {name for name, packed in found.items() if packed} == {"language_model.lm_head"}
+        assert len(found) == 2  # the embedding is there, without its copy
+    (name,) = [n for n in dict(trained.policy.model.named_parameters()) if "embed_tokens" in n]
+    embedding = trained.policy.model.get_parameter(name).detach()
+    push_weights(trained.merged.llm, [("model.language_model.embed_tokens.weight", embedding)])
+    assert all(packed_vocabulary_matmuls(trained.merged).values())  # vLLM packed it again
+    trained.merged.sync_weights(trained.policy)
+    found = packed_vocabulary_matmuls(trained.merged)
+    assert {name for name, packed in found.items() if packed} == {"language_model.lm_head"}
+    assert_matches_trainer(trained, trained.merged.generate([trained.prompt], 1, GREEDY))
