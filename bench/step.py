@@ -28,13 +28,16 @@ Every line is also appended to bench/results.jsonl with the commit and machine (
 --naive trains through tests/naive.py's NAIVE_BACKEND: transformers' generate (prompts repeated G
 times before the prefill, multinomial over the whole vocabulary), a full-sequence,
 full-vocabulary float32 log_softmax for the policy and the reference, and the images encoded
-once per completion.
---compare runs lean and naive and ends with one ratio line per (sampler, beta).
+once per completion; and one log-prob pass and one backward over all rows, padded to the batch's
+longest completion (--group-batch is the lean step's: micro-batches trimmed to their own
+longest are a lean path, not the straightforward one).
+By default a run is the whole comparison: both samplers, beta 0.04 and 0, lean and naive,
+ending with one ratio line per (sampler, beta); --sampler, --beta, --lean and --naive narrow it.
 
-    python bench/step.py --compare                    # transformers sampler, beta 0.04 and 0
-    python bench/step.py --compare --sampler both --threads 1
-    python bench/step.py --naive --beta 0 --steps 3
-    python bench/step.py --model smollm2 --task arith --compare --sampler both
+    python bench/step.py                                 # the tiny model, all eight configurations
+    python bench/step.py --model smollm2 --task arith    # the same on SmolLM2-135M-Instruct
+    python bench/step.py --sampler hf --threads 1
+    python bench/step.py --naive --sampler hf --beta 0 --steps 3
 
 Figures are printed, never asserted. On a shared machine, pass --threads 1 for steadier numbers:
 with more OpenMP threads than free cores, every small kernel waits for a descheduled thread.
@@ -90,7 +93,7 @@ def workload(args: argparse.Namespace, output_dir: str) -> Any:
         lora_r=size["lora_r"],
         packing=args.packing,
         prefix_sharing=not args.padded,
-        logprob_group_batch=args.group_batch,
+        logprob_group_batch=0 if args.naive else args.group_batch,
         dtype="float32",
         save_steps=0,
         log_completions_steps=0,
@@ -130,7 +133,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         "task": args.task,
         "packing": args.packing,
         "prefix_sharing": not args.padded and not args.naive,
-        "logprob_group_batch": args.group_batch,
+        "logprob_group_batch": 0 if args.naive else args.group_batch,
         **shape(args),
         "steps": args.steps,
         "step_time_median": round(statistics.median(times), 3),
@@ -196,12 +199,13 @@ def ratio(lean: dict[str, Any], naive: dict[str, Any]) -> dict[str, Any]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sampler", choices=["hf", "vllm", "both"], default="hf")
+    parser.add_argument("--sampler", choices=["hf", "vllm", "both"], default="both")
     parser.add_argument(
         "--beta", type=float, action="append", help="KL weight; repeatable (default: 0.04 and 0)"
     )
-    parser.add_argument("--naive", action="store_true", help="only the straightforward paths")
-    parser.add_argument("--compare", action="store_true", help="lean and naive, and their ratio")
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--naive", action="store_true", help="only the straightforward paths")
+    only.add_argument("--lean", action="store_true", help="only the lean paths")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before them")
     parser.add_argument(
@@ -225,26 +229,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def configurations(args: argparse.Namespace) -> list[tuple[str, float, list[bool]]]:
+    """(sampler, beta, [naive?, ...]) for each comparison the flags ask for: by default both
+    samplers x beta 0.04 and 0, each lean (False) then naive (True)."""
+    samplers = ["hf", "vllm"] if args.sampler == "both" else [args.sampler]
+    variants = [True] if args.naive else [False] if args.lean else [False, True]
+    return [(sampler, beta, variants) for sampler in samplers for beta in args.beta or [0.04, 0.0]]
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker:
         args.beta = args.beta[0] if args.beta else 0.04
         print(json.dumps(run_worker(args)), flush=True)
         return
-    samplers = ["hf", "vllm"] if args.sampler == "both" else [args.sampler]
-    betas = args.beta or [0.04, 0.0]
-    variants = [False, True] if args.compare else [args.naive]
-    for sampler in samplers:
-        for beta in betas:
-            records = {}
-            for naive in variants:
-                records[naive] = measure(args, sampler, beta, naive)
-                print(json.dumps(records[naive]), flush=True)
-                append_result("step", records[naive])
-            if args.compare:
-                line = ratio(records[False], records[True])
-                print(json.dumps(line), flush=True)
-                append_result("step", line)
+    for sampler, beta, variants in configurations(args):
+        records = {}
+        for naive in variants:
+            records[naive] = measure(args, sampler, beta, naive)
+            print(json.dumps(records[naive]), flush=True)
+            append_result("step", records[naive])
+        if len(variants) == 2:
+            line = ratio(records[False], records[True])
+            print(json.dumps(line), flush=True)
+            append_result("step", line)
 
 
 if __name__ == "__main__":
