@@ -31,7 +31,8 @@ def _git(*args: str) -> str:
 # stamped when the bench starts (it imports this module), not when it ends: a long bench must
 # not take the commit that HEAD moved to meanwhile
 COMMIT = _git("rev-parse", "HEAD")
-DIRTY = bool(_git("status", "--porcelain", "--untracked-files=no"))
+# bench/results.jsonl itself left out: the benches append to it, so it is dirty after any run
+DIRTY = bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".", f":!{RESULTS}"))
 
 
 def cpu_model() -> str:
