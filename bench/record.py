@@ -32,7 +32,11 @@ def _git(*args: str) -> str:
 # not take the commit that HEAD moved to meanwhile
 COMMIT = _git("rev-parse", "HEAD")
 # bench/results.jsonl itself left out: the benches append to it, so it is dirty after any run
-DIRTY = bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".", f":!{RESULTS}"))
+DIRTY = bool(
+    _git(
+        "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench/results.jsonl"
+    )
+)
 
 
 def cpu_model() -> str:
