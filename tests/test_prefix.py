@@ -29,6 +29,8 @@ from models.batch import RolloutBatch
 from models.logprobs import unwrap
 from models.policy import Policy
 from models.prefix import (
+    bin_continuations,
+    packs_continuations,
     prefix_shared_logprobs,
     prefix_shared_reference_logprobs,
     select_prompts,
@@ -51,12 +53,17 @@ def lora_grads(policy: Policy) -> list[torch.Tensor]:
 
 
 def passes(
-    policy: Policy, batch: RolloutBatch, prefix: bool, features: list | None = None
+    policy: Policy,
+    batch: RolloutBatch,
+    prefix: bool,
+    features: list | None = None,
+    packed: bool | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """(logp, entropy, ref logp [N, T], a GRPO loss with KL, its LoRA gradients...)."""
+    """(logp, entropy, ref logp [N, T], a GRPO loss with KL, its LoRA gradients...);
+    prefix-shared with continuations packed or as trimmed rows (None: the default)."""
     model, temperature = policy.model, 0.7
     if prefix:
-        args = (features, 5, policy.suppressed)
+        args = (features, 5, policy.suppressed, packed)
         out = prefix_shared_logprobs(model, batch, temperature, True, *args)
         ref = prefix_shared_reference_logprobs(model, batch, temperature, *args)
     else:
@@ -79,15 +86,18 @@ def assert_same(prefix: tuple[torch.Tensor, ...], padded: tuple[torch.Tensor, ..
         assert_close(b, a, **GRAD_TOL)
 
 
+@pytest.mark.parametrize("packed", [True, False])
 @pytest.mark.parametrize("family", TEXT_FAMILIES)
-def test_prefix_shared_equals_padded_text(family: str) -> None:
+def test_prefix_shared_equals_padded_text(family: str, packed: bool) -> None:
     policy = text_policy(family, scale=0.3)
+    assert packs_continuations(policy.model)  # sdpa: the default packs
     batch = ragged_batch(policy)
-    assert_same(passes(policy, batch, True), passes(policy, batch, False))
+    assert_same(passes(policy, batch, True, None, packed), passes(policy, batch, False))
     # a group with a row dropped (as mask_truncated_completions does), groups out of order
     part = batch.select([5, 4, 0, 2, 3])
-    assert_same(passes(policy, part, True), passes(policy, part, False))
-    assert (passes(policy, part, True)[0] - passes(policy, part, True)[2]).abs().max() > 1e-2
+    shared = passes(policy, part, True, None, packed)
+    assert_same(shared, passes(policy, part, False))
+    assert (shared[0] - shared[2]).abs().max() > 1e-2
 
 
 @pytest.fixture(scope="module")
@@ -96,24 +106,29 @@ def vl_policy(tiny_model_dir: Path) -> Policy:
     return prepare(Policy(PolicySettings(model=str(tiny_model_dir)), CPU), seed=4)
 
 
-def test_prefix_shared_equals_padded_vision(vl_policy: Policy, images: list[Image.Image]) -> None:
+@pytest.mark.parametrize("packed", [True, False])
+def test_prefix_shared_equals_padded_vision(
+    vl_policy: Policy, images: list[Image.Image], packed: bool
+) -> None:
     batch = fixed_batch(vl_policy, images)  # prompts with 1, 2 (other sizes) and 0 images
     assert len({tuple(g) for g in batch.image_grid_thw.tolist()}) == 3
+    assert packs_continuations(vl_policy.model)
     padded = passes(vl_policy, batch, False)
     features = vl_policy.image_features(batch.prompts)
-    assert_same(passes(vl_policy, batch, True, features), padded)
+    assert_same(passes(vl_policy, batch, True, features, packed), padded)
     calls: list[int] = []
     visual = unwrap(vl_policy.model).model.visual
     hook = visual.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
     try:
-        assert_same(passes(vl_policy, batch, True, None), padded)  # the vision tower runs
+        assert_same(passes(vl_policy, batch, True, None, packed), padded)  # vision tower runs
     finally:
         hook.remove()
     # policy and reference: each prompt's patches once per pass, not once per row
     assert calls == [batch.prompts.pixel_values.shape[0]] * 2
     for rows in ([1, 4, 5], [2, 3, 0]):  # rows dropped, groups out of order
         part = batch.select(rows)
-        assert_same(passes(vl_policy, part, True, features), passes(vl_policy, part, False))
+        shared = passes(vl_policy, part, True, features, packed)
+        assert_same(shared, passes(vl_policy, part, False))
 
 
 def test_select_prompts_drops_shared_left_padding(vl_policy: Policy, images) -> None:
@@ -229,3 +244,69 @@ def test_merged_for_sampling_samples_the_policy_and_restores_its_weights() -> No
 def ragged_prompts(policy: Policy) -> list:
     texts = ["7 + 5?", "Compute 13 - 4 and put the result in a box, please."]
     return [policy.prompt_input([{"role": "user", "content": t}], []) for t in texts]
+
+
+def test_bin_continuations_layout_against_a_loop() -> None:
+    tokens = torch.arange(1, 31).view(5, 6)  # [N=5, W=6], token ids 1..30
+    fed, slot = [3, 0, 6, 2, 4], [1, 1, 0, 1, 0]  # row 1 feeds nothing
+    bins = bin_continuations(tokens, fed, slot, capacity=6)
+    # prompt 0: rows 2 (6) and 4 (4) need a bin each; prompt 1: rows 0 (3) and 3 (2) share one
+    assert bins.prompt.tolist() == [0, 0, 1]
+    b, c = bins.tokens.shape
+    assert (b, c) == (3, 6)
+    row_at = {}  # (bin, column) -> (row, t), filled the slow way
+    for i in range(5):
+        for t in range(fed[i]):
+            flat = int(bins.index[i, t])
+            assert bins.tokens.view(-1)[flat] == tokens[i, t]
+            assert bins.offsets.view(-1)[flat] == t
+            assert int(bins.prompt[flat // c]) == slot[i]
+            row_at[(flat // c, flat % c)] = (i, t)
+    assert len(row_at) == sum(fed)  # no two tokens share a slot
+    for bi in range(b):
+        for q in range(c):
+            for k in range(c):
+                if (bi, q) in row_at:
+                    (i, t), other = row_at[(bi, q)], row_at.get((bi, k))
+                    expected = other is not None and other[0] == i and other[1] <= t
+                else:  # a tail slot sees only itself
+                    expected = q == k
+                assert bool(bins.sees[bi, q, k]) == expected, (bi, q, k)
+
+
+def test_packed_continuations_in_several_bins_per_prompt(monkeypatch) -> None:
+    import models.prefix as module
+
+    policy = text_policy("llama", scale=0.3)
+    batch = ragged_batch(policy).select([2, 0, 2, 1, 3])  # row 2 (6 tokens) twice in its group
+    monkeypatch.setattr(module, "BIN_ROWS", 1)  # bins of one longest row: a group spans several
+    built: list = []
+    original = module.bin_continuations
+    monkeypatch.setattr(
+        module, "bin_continuations", lambda *a: built.append(original(*a)) or built[-1]
+    )
+    shared = passes(policy, batch, True, None, True)
+    prompts = built[0].prompt.tolist()  # the policy pass's bins
+    assert len(prompts) > len(set(prompts))  # some prompt's continuations span 2+ bins
+    assert_same(shared, passes(policy, batch, False))
+
+
+def test_packed_continuations_refused_where_not_exact(monkeypatch) -> None:
+    import models.prefix as module
+
+    policy = text_policy("qwen2", scale=0.3)
+    batch = ragged_batch(policy)
+    monkeypatch.setattr(module, "attention_of", lambda model: "flash_attention_2")
+    assert not packs_continuations(policy.model)
+    with pytest.raises(ValueError, match="sdpa"):
+        prefix_shared_logprobs(policy.model, batch, packed=True)
+    packed_calls: list[int] = []
+    original = module.packed_continuation_hidden
+    monkeypatch.setattr(
+        module, "packed_continuation_hidden", lambda *a: packed_calls.append(1) or original(*a)
+    )
+    with torch.no_grad():
+        fallback = prefix_shared_logprobs(policy.model, batch, suppressed=policy.suppressed)
+        naive = naive_completion_logprobs(policy.model, batch, 1.0, False, policy.suppressed)
+    assert packed_calls == []  # the trimmed rows ran
+    assert_close(fallback.logp, naive.logp, **TOL)
