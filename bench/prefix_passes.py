@@ -5,8 +5,9 @@ timings (bench/step.py) swing with the other jobs.
 One trajectory of the step workload (bench/step.py's: --model, --task, 4 prompts x G=8 x 64
 new tokens, LoRA r=16, float32) is sampled once; then, --rounds times, each variant runs once:
 
-    reference   padded (all rows) | prefix-shared, micro-batches of --group-batch groups
-    policy      log-probs + GRPO loss + backward, the same two ways (grpo.trainer's own
+    reference   padded (all rows) | prefix-shared, micro-batches of --group-batch groups, its
+                continuations as rows trimmed to the longest | packed (the default where exact)
+    policy      log-probs + GRPO loss + backward, the same three ways (grpo.trainer's own
                 loss_and_backward, beta 0.04)
     sample      the transformers sampler with the adapter | with LoRA merged for the pass
 
@@ -53,11 +54,13 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    import models  # noqa: F401
+    import models.prefix  # the package first: its torchvision shim
     from grpo import distributed
     from grpo.metrics import Stopwatch
     from grpo.trainer import build_trainer, collect, grouped_logprobs, loss_and_backward
     from models import BACKEND
+
+    packs_where_exact = models.prefix.packs_continuations
 
     flags = argparse.Namespace(
         task=args.task, model=args.model, beta=0.04, sampler="hf", packing=False, padded=False,
@@ -77,25 +80,27 @@ def main() -> None:
         tokens = args.sample_tokens
         sampling = dataclasses.replace(config.sampling_settings(), max_new_tokens=tokens)
 
-        def use(prefix: bool, merge: bool = True) -> None:
+        def use(prefix: bool, merge: bool = True, packed: bool = True) -> None:
             chosen = {"prefix_sharing": prefix, "merge_for_sampling": merge}
             policy.settings = dataclasses.replace(policy.settings, **chosen)
+            # the prefix pass asks this whether to pack: "no" keeps its trimmed rows
+            models.prefix.packs_continuations = packs_where_exact if packed else lambda m: False
 
-        def reference(prefix: bool) -> Callable[[], Any]:
+        def reference(prefix: bool, packed: bool = True) -> Callable[[], Any]:
             groups = args.group_batch if prefix else 0
 
             def run() -> None:
-                use(prefix)
+                use(prefix, packed=packed)
                 with torch.no_grad():
                     grouped_logprobs(lambda b: policy.reference_logprobs(b, 1.0), t, groups)
 
             return run
 
-        def backward(prefix: bool) -> Callable[[], Any]:
+        def backward(prefix: bool, packed: bool = True) -> Callable[[], Any]:
             groups = args.group_batch if prefix else 0
 
             def run() -> None:
-                use(prefix)
+                use(prefix, packed=packed)
                 loss_and_backward(policy, t, settings, correction, 1.0, items, 1.0, groups)
                 policy.model.zero_grad(set_to_none=True)
 
@@ -110,8 +115,10 @@ def main() -> None:
 
         variants = {
             "reference_padded": reference(False),
+            "reference_prefix_rows": reference(True, packed=False),
             "reference_prefix": reference(True),
             "policy_padded": backward(False),
+            "policy_prefix_rows": backward(True, packed=False),
             "policy_prefix": backward(True),
             "sample_adapter": sample(False),
             "sample_merged": sample(True),
@@ -136,6 +143,11 @@ def main() -> None:
         **{f"seconds/{k}": v for k, v in median.items()},
         "ratio/reference": round(median["reference_padded"] / median["reference_prefix"], 2),
         "ratio/policy": round(median["policy_padded"] / median["policy_prefix"], 2),
+        "ratio/reference_packing": round(
+            median["reference_prefix_rows"] / median["reference_prefix"], 2
+        ),
+        "ratio/policy_packing": round(median["policy_prefix_rows"] / median["policy_prefix"], 2),
+        "packed_where_exact": packs_where_exact(policy.model),
         "ratio/sample": round(median["sample_adapter"] / median["sample_merged"], 2),
     }
     print(json.dumps(record), flush=True)
