@@ -64,6 +64,7 @@ def main() -> None:
 
     flags = argparse.Namespace(
         task=args.task, model=args.model, beta=0.04, sampler="hf", packing=False, padded=False,
+        naive=False,
         group_batch=args.group_batch, prompts=None, group=None, tokens=None, lora_r=None,
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as out:
