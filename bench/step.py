@@ -133,7 +133,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         "task": args.task,
         "packing": args.packing,
         "prefix_sharing": not args.padded and not args.naive,
-        "logprob_group_batch": 0 if args.naive else args.group_batch,
+        "logprob_group_batch": config.logprob_group_batch,
         **shape(args),
         "steps": args.steps,
         "step_time_median": round(statistics.median(times), 3),

@@ -56,7 +56,7 @@ from models.logprobs import (
     token_logprobs,
     unwrap,
 )
-from models.packing import BIN_ROWS, PACKABLE_TYPES, assign_bins, attention_of
+from models.packing import BIN_ROWS, PACKABLE_TYPES, assign_bins, attention_of, packing_refusal
 
 
 def distinct_prompts(prompt_of_row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,17 +149,10 @@ def continuation_hidden(
 
 
 def packs_continuations(model: Any) -> bool:
-    """Whether continuations can be packed exactly: sdpa attention (it takes a custom 4-D
-    boolean mask as is) on a model type whose backbone passes such a mask through unchanged
-    and has no sliding window."""
-    config = unwrap(model).config
-    text = getattr(config, "text_config", None) or config
-    sliding = getattr(text, "use_sliding_window", False)
-    return (
-        config.model_type in PACKABLE_TYPES
-        and attention_of(unwrap(model)) == "sdpa"
-        and not sliding
-    )
+    """Whether continuations can be packed exactly: where `--packing` is (models.packing's
+    model types, no sliding window) and the attention is sdpa, which takes a custom 4-D
+    boolean mask as is."""
+    return packing_refusal(unwrap(model)) is None and attention_of(unwrap(model)) == "sdpa"
 
 
 @dataclass
